@@ -1,0 +1,24 @@
+"""m2mkd_fast: fast module-to-module knowledge distillation for modular vision models.
+
+Subpackages load on first use, so `import m2mkd_fast` stays cheap:
+``mk.ops`` (validated, autograd-enabled functional ops), ``mk.reference`` (plain-PyTorch
+oracles), ``mk.layers`` (drop-in nn.Modules), ``mk.models`` (timm-registered models),
+``mk.distill`` (the m2mKD trainer) and ``mk.data`` (offline datasets).
+"""
+
+import importlib
+
+from .backend import available_backends, use_backend
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "available_backends", "use_backend", "ops", "reference", "layers", "models", "distill", "data"]
+
+_SUBPACKAGES = {"ops", "reference", "layers", "models", "distill", "data"}
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'm2mkd_fast' has no attribute {name!r}")

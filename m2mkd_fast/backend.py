@@ -1,0 +1,130 @@
+"""Choose the implementation of an op for one call: "triton", "cpp" or "torch".
+
+Precedence: the op's ``backend=`` argument, then ``with use_backend(name):``, then the
+environment variable ``M2MKD_BACKEND``, then "auto". Auto picks Triton for CUDA tensors, the C++
+extension for CPU tensors when it is built, and plain PyTorch otherwise; a backend that does not
+implement an op is skipped by auto. Asking for an unavailable backend explicitly raises
+:class:`BackendUnavailable` saying why.
+
+Each backend is a package with one module per op family (``routing``, ``moe``, ``readin``,
+``graph``), each exporting a function named after its op with the signature of
+``m2mkd_fast.ops`` (already autograd-enabled): ``m2mkd_fast.torch_backend``,
+``m2mkd_fast.cpp_backend`` and ``m2mkd_fast.triton_backend``. A missing module means the backend
+does not implement that op.
+"""
+
+import contextlib
+import contextvars
+import importlib
+import os
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("triton", "cpp", "torch")
+ENV_VAR = "M2MKD_BACKEND"
+_MODULES = {
+    "torch": "m2mkd_fast.torch_backend",
+    "cpp": "m2mkd_fast.cpp_backend",
+    "triton": "m2mkd_fast.triton_backend",
+}
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("m2mkd_backend", default=None)
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was requested that cannot run this op on these tensors."""
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS and name != "auto":
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {('auto',) + BACKENDS}")
+    return name
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run on ``device``, or None if it can."""
+    device = torch.device(device)
+    if name == "torch":
+        return None
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            return None if _triton_interpreted() else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        return f"Triton does not support {device.type} tensors"
+    if name == "cpp":
+        if device.type != "cpu":
+            return f"the C++ backend runs on CPU tensors only, got {device.type} tensors"
+        try:
+            importlib.import_module("m2mkd_fast._C")
+        except ImportError as err:
+            return f"the C++ extension m2mkd_fast._C is not built ({err}); reinstall with a C++ compiler and ninja"
+        return None
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device`` (default CPU), e.g. ``["torch", "cpp", "triton"]``."""
+    return [name for name in ("torch", "cpp", "triton") if unavailable_reason(name, torch.device(device)) is None]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (or "auto")."""
+    token = _override.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend(argument: Optional[str] = None) -> str:
+    """The backend asked for by argument, context manager or environment ("auto" if none)."""
+    if argument is not None:
+        return _check_name(argument, "backend")
+    if _override.get() is not None:
+        return _override.get()
+    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+
+
+_FAMILY = {"route": "routing", "moe_mlp": "moe", "readin_attention": "readin", "graph_attention": "graph"}
+
+
+def _lookup(name: str, op: str) -> Optional[Callable]:
+    module_name = f"{_MODULES[name]}.{_FAMILY[op]}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None
+        raise
+    return getattr(module, op, None)
+
+
+def select(op: str, device: torch.device, backend: Optional[str] = None) -> tuple[str, Callable]:
+    """Return (backend name, implementation) of ``op`` for tensors on ``device``."""
+    name = requested_backend(backend)
+    device = torch.device(device)
+    if name != "auto":
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            raise BackendUnavailable(f"{op}: backend {name!r} is unavailable: {reason}")
+        fn = _lookup(name, op)
+        if fn is None:
+            raise BackendUnavailable(f"{op}: backend {name!r} does not implement this op")
+        return name, fn
+    preference = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+    for candidate in preference:
+        if unavailable_reason(candidate, device) is None:
+            fn = _lookup(candidate, op)
+            if fn is not None:
+                return candidate, fn
+    raise BackendUnavailable(f"{op}: no backend implements this op")

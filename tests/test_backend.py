@@ -1,0 +1,57 @@
+import os
+
+import pytest
+import torch
+
+import m2mkd_fast as mk
+from m2mkd_fast import backend
+
+
+def test_version_and_backends():
+    assert isinstance(mk.__version__, str)
+    names = mk.available_backends()
+    assert names[0] == "torch"
+    assert set(names) <= {"torch", "cpp", "triton"}
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        with mk.use_backend("cuda"):
+            pass
+    with pytest.raises(ValueError, match="expected one of"):
+        backend.requested_backend("fast")
+
+
+def test_precedence_argument_over_context_over_env(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "cpp")
+    assert backend.requested_backend() == "cpp"
+    with mk.use_backend("torch"):
+        assert backend.requested_backend() == "torch"
+        assert backend.requested_backend("triton") == "triton"
+    assert backend.requested_backend() == "cpp"
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = backend.unavailable_reason("triton", torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.unavailable_reason("triton", torch.device("cpu")) is None
+
+
+def test_cpp_refuses_cuda_tensors():
+    reason = backend.unavailable_reason("cpp", torch.device("cuda"))
+    assert "CPU tensors only" in reason
+
+
+def test_explicit_unavailable_backend_raises_with_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(backend.BackendUnavailable, match="TRITON_INTERPRET=1"):
+        backend.select("route", torch.device("cpu"), "triton")
+
+
+def test_auto_on_cpu_never_picks_triton(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    name, fn = backend.select("route", torch.device("cpu"))
+    assert name in ("cpp", "torch") and callable(fn)
