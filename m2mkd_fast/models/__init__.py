@@ -1,0 +1,18 @@
+"""timm-registered models of m2mKD, each split into stages (DESIGN §2.5).
+
+Importing this package registers every model with timm, so afterwards
+``timm.create_model(name, pretrained=False, num_classes=...)`` works for:
+
+* ``staged_<timm vit/deit name>``, ``staged_vit_micro``: teachers (:mod:`.vit_stages`);
+* ``meta_<same names>``: Deep-Incubation meta models, one block per stage;
+* ``vmoe_*``: V-MoE (:mod:`.vmoe`);
+* ``nac_*``: Neural Attentive Circuits (:mod:`.nac`).
+
+Every model has ``num_stages``, ``stages`` (views sharing its parameters) and
+``forward(x, start=0, end=None)`` running stages ``[start, end)``.
+"""
+
+from .stages import ModelStage, split_depth
+from .vit_stages import StagedVisionTransformer, as_staged
+
+__all__ = ["ModelStage", "split_depth", "StagedVisionTransformer", "as_staged"]
