@@ -1,0 +1,1 @@
+"""m2mKD: module pairs, the distillation loss, the trainer, checkpoints, the pipeline phases."""
