@@ -1,0 +1,105 @@
+"""Top-k expert routing in plain, vectorised PyTorch (DESIGN §2.1; same results as the oracle).
+
+No Python loop over tokens, experts or groups and no host synchronisation: the capacity comes
+from Python ints (shapes), the expert choice from a stable descending sort (ties → lower expert
+index, which ``torch.topk`` does not promise), the slots from a stable sort of each group's
+k-major sequence of choices. It runs unchanged under ``torch.compile(fullgraph=True)`` and in
+CUDA graphs. Conventions (dropped pairs keep their weight, BPR priority = first-choice weight,
+T = 0) are those of ``m2mkd_fast.reference.routing``.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from ..routing_result import Routing
+
+
+def expert_capacity(group_size: int, k: int, capacity_factor: Optional[float], num_experts: int) -> Optional[int]:
+    """ceil((S·k)·cf/E) on Python floats, in that order, rounded up to a multiple of 4.
+
+    None for dropless (capacity_factor None); 0 for an empty group; ValueError if cf ≤ 0.
+    """
+    if capacity_factor is None:
+        return None
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+    if group_size == 0:
+        return 0
+    capacity = math.ceil((group_size * k) * capacity_factor / num_experts)
+    if capacity < 1:
+        raise ValueError(
+            f"expert capacity {capacity} < 1 (group_size={group_size}, k={k}, "
+            f"capacity_factor={capacity_factor}, num_experts={num_experts})"
+        )
+    return -(-capacity // 4) * 4
+
+
+def choose_experts(logits: torch.Tensor, k: int, gate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert [T, k] int64, weight [T, k]) for gate "vmoe" or "naive"; ties → lower index."""
+    scores = torch.softmax(logits, dim=-1) if gate == "vmoe" else logits
+    expert = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    picked = scores.gather(1, expert)
+    weight = picked if gate == "vmoe" else torch.softmax(picked, dim=-1)
+    return expert, weight
+
+
+def assign_slots(
+    expert: torch.Tensor,
+    priority: Optional[torch.Tensor],
+    num_experts: int,
+    group_size: int,
+    capacity: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots [T, k] (−1 = dropped) and kept counts [E] for the choices ``expert`` [T, k].
+
+    Per group of ``group_size`` tokens, the choices are read k-major (all first choices, then
+    all second ...), tokens in order or, if ``priority`` [T] is given, by descending priority
+    (stable). A choice's slot is the number of earlier choices of the same expert in that
+    sequence, found with one stable sort of each group's sequence.
+    """
+    T, k = expert.shape
+    G, S = T // group_size, group_size
+    dev = expert.device
+    seq = expert.reshape(G, S, k)
+    if priority is not None:
+        perm = torch.sort(priority.reshape(G, S), dim=1, descending=True, stable=True).indices  # [G, S]
+        perm_k = perm[:, :, None].expand(G, S, k)
+        seq = seq.gather(1, perm_k)
+    seq = seq.transpose(1, 2).reshape(G, k * S)  # k-major sequence of each group
+    order = torch.sort(seq, dim=1, stable=True).indices  # [G, kS]: by expert, then by sequence position
+    sorted_expert = seq.gather(1, order)
+    per_expert = torch.zeros(G, num_experts, dtype=torch.long, device=dev)
+    per_expert.scatter_add_(1, seq, torch.ones_like(seq))
+    start = per_expert.cumsum(1) - per_expert  # first sorted position of each expert
+    rank = torch.arange(k * S, device=dev).expand(G, k * S) - start.gather(1, sorted_expert)
+    position = torch.empty_like(seq).scatter_(1, order, rank)  # back to sequence order
+    if capacity is not None:
+        position = torch.where(position < capacity, position, -1)
+        per_expert = per_expert.clamp(max=capacity)
+    slot = position.reshape(G, k, S).transpose(1, 2)  # [G, S, k], tokens in sequence order
+    if priority is not None:
+        slot = torch.empty_like(slot).scatter_(1, perm_k, slot)
+    return slot.reshape(T, k), per_expert.sum(0)
+
+
+def route(
+    logits: torch.Tensor,
+    k: int,
+    gate: str = "vmoe",
+    capacity_factor: Optional[float] = None,
+    batch_priority: bool = False,
+    group_size: Optional[int] = None,
+) -> Routing:
+    """Vectorised top-k routing; the arguments are those of ``m2mkd_fast.ops.route``."""
+    T, E = logits.shape
+    S = T if group_size is None else group_size
+    capacity = expert_capacity(S, k, capacity_factor, E)
+    expert, weight = choose_experts(logits, k, gate)
+    if T == 0:
+        slot = torch.empty(0, k, dtype=torch.long, device=logits.device)
+        return Routing(expert, weight, slot, torch.zeros(E, dtype=torch.long, device=logits.device), capacity)
+    priority = weight[:, 0].detach() if batch_priority else None
+    slot, counts = assign_slots(expert, priority, E, S, capacity)
+    return Routing(expert, weight, slot, counts, capacity)
