@@ -18,7 +18,7 @@ This module is the oracle: written for clarity, uint32 arithmetic emulated on in
 
 import torch
 
-__all__ = ["philox_uniform", "philox_uint32"]
+__all__ = ["philox_uniform", "philox_uint32", "philox4x32"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK16 = 0xFFFF
@@ -43,6 +43,23 @@ def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & _MASK32, low & _MASK32
 
 
+def philox4x32(counter: tuple, key: tuple[int, int], rounds: int = _N_ROUNDS) -> tuple:
+    """Philox4x32 (Salmon et al. 2011) on uint32 words held in int64 tensors.
+
+    counter: four int64 tensors (or ints) of uint32 values; key: two uint32 ints. Returns the four
+    output words. Matches Random123 and Triton's ``philox_impl``.
+    """
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & _MASK32 for c in counter)
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(c2, _ROUND_B)
+        hi_a, lo_a = _mulhilo32(c0, _ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
 def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """Triton's ``tl.randint(seed, offsets)``: the first Philox4x32-10 word, as uint32 values in int64."""
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -50,19 +67,10 @@ def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     if offsets.dtype.is_floating_point or offsets.dtype.is_complex or offsets.dtype == torch.bool:
         raise TypeError(f"philox_uint32: offsets must be an integer tensor, got {offsets.dtype}")
     seed &= (1 << 64) - 1  # tl.philox casts the seed to uint64
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     offsets = offsets.to(torch.int64)
-    c0 = offsets & _MASK32
-    c1 = (offsets >> 32) & _MASK32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    for _ in range(_N_ROUNDS):
-        hi_b, lo_b = _mulhilo32(c2, _ROUND_B)
-        hi_a, lo_a = _mulhilo32(c0, _ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _KEY_A) & _MASK32
-        k1 = (k1 + _KEY_B) & _MASK32
-    return c0
+    zero = torch.zeros_like(offsets)
+    counter = (offsets & _MASK32, (offsets >> 32) & _MASK32, zero, zero)
+    return philox4x32(counter, (seed & _MASK32, seed >> 32))[0]
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
