@@ -95,6 +95,8 @@ def route(
     """Vectorised top-k routing; the arguments are those of ``m2mkd_fast.ops.route``."""
     T, E = logits.shape
     S = T if group_size is None else group_size
+    if group_size is not None and (group_size < 1 or T % group_size):
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the number of tokens T={T}")
     capacity = expert_capacity(S, k, capacity_factor, E)
     expert, weight = choose_experts(logits, k, gate)
     if T == 0:
