@@ -23,7 +23,9 @@ e = expert[t, j] (DESIGN §2.1). Two paths, chosen per call from the tensors:
   saves one [M, h] activation (and the gathered inputs) compared with autograd.
 
 Every expert parameter receives a gradient (zeros for an expert without tokens). The routing
-weights receive d y / d weight (zero for dropped pairs). ``r.weight`` is cast to ``x.dtype``.
+weights receive d y / d weight (zero for dropped pairs). With 16-bit x the combine
+(Σ_j weight · expert output) and the routing-weight gradient run in float32 and round once;
+otherwise in x's dtype.
 """
 
 from typing import Optional
@@ -34,6 +36,12 @@ import torch.nn.functional as F
 from ..routing_result import Routing
 
 _APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The combine (Σ_j weight · expert output) and the routing-weight gradient run in float32
+    for 16-bit activations, so they round once, at the end."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
 
 # ----------------------------------------------------------------------------- grouped path
 _GROUPED_MM_OK: dict = {}
@@ -88,9 +96,10 @@ def _moe_mlp_grouped(x, r, w1, b1, w2, b2, approximate):
     out = torch._grouped_mm(F.gelu(h, approximate=approximate), w2.contiguous(), offs=offs)
     if b2 is not None:
         out = out + one_hot @ b2
-    weight = torch.where(r.slot >= 0, r.weight.to(x.dtype), 0)  # [T, k]
-    per_pair = out.index_select(0, inverse).reshape(T, k, d)
-    return torch.bmm(weight[:, None, :], per_pair).reshape(T, d)
+    acc = _accumulation_dtype(x.dtype)
+    weight = torch.where(r.slot >= 0, r.weight.to(acc), 0)  # [T, k]
+    per_pair = out.index_select(0, inverse).reshape(T, k, d).to(acc)
+    return torch.bmm(weight[:, None, :], per_pair).reshape(T, d).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------ sliced path
@@ -124,6 +133,8 @@ def _moe_mlp_sorted(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of the sliced path: (y [T, d], hidden pre-activation [T·k, h], expert out [T·k, d]).
 
+    ``weight`` [T, k] may be wider than x (float32 for 16-bit x): the combine runs in its dtype.
+
     Rows of the two buffers are the kept pairs sorted by expert; rows past the kept ones are
     unused (sized T·k so that the shapes do not depend on the data).
     """
@@ -149,8 +160,8 @@ def _moe_mlp_sorted(
         else:
             torch.addmm(b2[e], act[sl], w2[e], out=out[sl])
     pair_weight = weight.reshape(-1).index_select(0, order)
-    y = x.new_zeros(T, d).index_add_(0, token, out[:kept] * pair_weight[:, None])
-    return y, hidden, out
+    y = weight.new_zeros(T, d).index_add_(0, token, out[:kept].to(weight.dtype) * pair_weight[:, None])
+    return y.to(x.dtype), hidden, out
 
 
 @_moe_mlp_sorted.register_fake
@@ -185,8 +196,10 @@ def _moe_mlp_sorted_backward(
     grad_y = grad_y.contiguous()
     gys = grad_y.index_select(0, token)  # [M, d]
     out = out[:kept]
-    grad_weight = x.new_zeros(N).index_copy_(0, order, (gys * out).sum(1)).reshape(T, k)
-    grad_out = gys * weight.reshape(-1).index_select(0, order)[:, None]
+    gys_acc = gys.to(weight.dtype)
+    grad_weight = weight.new_zeros(N).index_copy_(0, order, (gys_acc * out.to(weight.dtype)).sum(1)).reshape(T, k)
+    grad_out = (gys_acc * weight.reshape(-1).index_select(0, order)[:, None]).to(x.dtype)
+    del gys, gys_acc
     hidden = hidden[:kept]
     act = F.gelu(hidden, approximate=approximate)
     grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
@@ -270,5 +283,6 @@ def moe_mlp(
     approximate = _APPROXIMATE[activation]
     if use_grouped_mm(x, w1):
         return _moe_mlp_grouped(x, r, w1, b1, w2, b2, approximate)
-    y, _, _ = _moe_mlp_sorted(x, r.expert, r.slot, r.weight.to(x.dtype), w1, b1, w2, b2, approximate)
+    weight = r.weight.to(_accumulation_dtype(x.dtype))
+    y, _, _ = _moe_mlp_sorted(x, r.expert, r.slot, weight, w1, b1, w2, b2, approximate)
     return y
