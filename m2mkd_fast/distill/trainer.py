@@ -41,7 +41,7 @@ class TrainResult:
     epochs_done: int
     steps: int
     seconds: float
-    images_per_s: float
+    images_per_s: float  # training throughput (optimizer steps only, no evaluation)
 
 
 class CosineSchedule:
@@ -309,7 +309,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                 config=config, phase=phase, rng_by_rank=states)
         ctx.barrier()
 
-    t_start, images_seen, test_acc = time.time(), 0, None
+    t_start, images_seen, test_acc, train_seconds = time.time(), 0, None, 0.0
     for epoch in range(start_epoch, epochs):
         task.train()
         perm = epoch_indices(len(train_set), epoch, seed)[:n]
@@ -364,6 +364,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                 bar.update(1)
         if bar is not None:
             bar.close()
+        train_seconds += time.time() - t_epoch
         task.eval()
         test_acc = evaluate_accuracy(eval_fn, data.test, norm, max(bs, 256), device, ctx)
         epoch_s = time.time() - t_epoch
@@ -385,4 +386,4 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             print(f"[{phase}] could not plot curves: {err}", file=sys.stderr)
     ctx.barrier()
     return TrainResult(run_dir, test_acc, epochs, sched.step_count, seconds,
-                       images_seen / max(seconds, 1e-9))
+                       images_seen / max(train_seconds, 1e-9))

@@ -1,0 +1,444 @@
+"""The m2mKD pipeline phases (DESIGN §2.5), each callable alone (the CLI's subcommands) or
+chained by :meth:`Pipeline.reproduce`.
+
+Run directory layout (``root`` = ``--run-dir``)::
+
+    root/config.yaml                       the resolved config of the latest call
+    root/meta/                             pretrain-meta   (model.safetensors, metrics.jsonl, curves.png, done.json)
+    root/teacher/                          train-teacher
+    root/teacher_modules/module_<i>.safetensors           split-teacher
+    root/seed<s>/<student>/distill/module_<i>/            distill (one trainer run per pair)
+    root/seed<s>/<student>/assembled.safetensors          assemble
+    root/seed<s>/<student>/finetune/                      finetune
+    root/seed<s>/<student>/scratch/                       scratch (the baseline)
+    root/seed<s>/<student>/eval_<finetune|scratch>.json   evaluate
+    root/REPORT.md, root/figures/, root/results.json      reproduce
+
+Every trainer run directory gets ``done.json`` holding a fingerprint of the config that
+produced it; a phase whose output is done with the same fingerprint is skipped (``force``
+redoes it), and a phase killed midway is resumed from its ``last.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import build_data, corrupted_copy, linear_probe_episodes, load_digits_dataset
+from ..data.transforms import Normalize
+from .checkpoint import CheckpointError, load_state_checked, load_weights, save_weights
+from .config import dump_config, fingerprint
+from .dist import DistContext, init_distributed
+from .students import assemble, build_model, module_state, pair_student, width
+from .tasks import EndToEnd, PairTask
+from .trainer import evaluate_accuracy, iterate_batches, train
+
+PHASES = ("pretrain-meta", "train-teacher", "split-teacher", "distill", "assemble", "finetune", "scratch", "evaluate")
+
+
+def seed_all(seed: int):
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+def log(msg: str, ctx: DistContext | None = None):
+    if ctx is None or ctx.is_main:
+        print(f"[m2mkd-fast {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+class Pipeline:
+    """All phases over one run directory and one resolved config."""
+
+    def __init__(self, cfg: dict, root, ctx: DistContext | None = None, progress: bool = True,
+                 force: bool = False):
+        self.cfg = cfg
+        self.root = Path(root)
+        self.ctx = ctx or init_distributed(cfg["device"])
+        self.progress = progress
+        self.force = force
+        self._data = None
+        if self.ctx.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.root / "config.yaml")
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    # ----------------------------------------------------------------------------- helpers
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = build_data(self.cfg["data"])
+            log(f"data: {self._data.source}: {len(self._data.train)} train / {len(self._data.test)} test, "
+                f"{self._data.num_classes} classes, {self._data.in_chans}x{self._data.img_size}x{self._data.img_size}", self.ctx)
+        return self._data
+
+    def student_dir(self, kind: str, seed: int) -> Path:
+        return self.root / f"seed{seed}" / kind
+
+    def _common(self):
+        return {"data": self.cfg["data"], "augment": self.cfg["augment"]}
+
+    def phase_config(self, phase: str, kind: str | None = None, seed: int | None = None, module: int | None = None) -> dict:
+        """The part of the config a phase's output depends on (checkpoints compare it; done.json
+        fingerprints it)."""
+        c = self.cfg
+        base = self._common()
+        if phase == "pretrain-meta":
+            return {**base, "seed": c["seed"], "meta": c["meta"]}
+        if phase == "train-teacher":
+            return {**base, "seed": c["seed"], "teacher": c["teacher"]}
+        st = c["students"][kind]
+        model_part = {"model": st["model"], "kwargs": st["kwargs"]}
+        if phase == "distill":
+            return {**base, "seed": seed, "module": module, "student": {**model_part, "distill": st["distill"]},
+                    "distill": c["distill"], "meta": fingerprint(self.phase_config("pretrain-meta")),
+                    "teacher": fingerprint(self.phase_config("train-teacher"))}
+        if phase == "finetune":
+            return {**base, "seed": seed, "student": {**model_part, "finetune": st["finetune"]},
+                    "assembled_from": [fingerprint(self.phase_config("distill", kind, seed, i))
+                                       for i in range(self._num_stages(kind))]}
+        if phase == "scratch":
+            return {**base, "seed": seed, "student": {**model_part, "finetune": st["finetune"]}}
+        raise ValueError(phase)
+
+    def _num_stages(self, kind: str) -> int:
+        return int(self.cfg["meta"]["kwargs"].get("num_stages", 0) or self._meta_skeleton().num_stages)
+
+    def _meta_skeleton(self):
+        seed_all(self.cfg["seed"])
+        return build_model(self.cfg["meta"]["model"], self.cfg["meta"]["kwargs"], self.data)
+
+    def _done(self, run_dir: Path, pcfg: dict):
+        """done.json of a finished run with this config, else None."""
+        d = _read_json(run_dir / "done.json")
+        if d and d.get("fingerprint") == fingerprint(pcfg) and (run_dir / "model.safetensors").exists() and not self.force:
+            return d
+        return None
+
+    def _train(self, task, run_dir: Path, phase: str, pcfg: dict, tcfg: dict, seed: int, resume: bool,
+               dcfg=None, save_module=None, title=""):
+        """Run the trainer unless done; resume a killed run when asked (or when resume='auto'
+        and a checkpoint exists)."""
+        done = self._done(run_dir, pcfg)
+        if done is not None:
+            log(f"{title}: done already ({run_dir}; test acc {100 * (done.get('test_acc') or 0):.2f}%), skipped", self.ctx)
+            return done
+        last = run_dir / "last.safetensors"
+        do_resume = bool(resume) and (resume != "auto" or last.exists())
+        if self.force and resume == "auto":
+            do_resume = False
+        try:
+            res = train(task, data=self.data, tcfg=tcfg, aug=self.cfg["augment"], dcfg=dcfg, run_dir=run_dir,
+                        phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=do_resume,
+                        save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
+                        title=title)
+        except CheckpointError as err:
+            if resume != "auto":
+                raise
+            log(f"{title}: cannot resume ({err}); starting afresh", self.ctx)
+            res = train(task, data=self.data, tcfg=tcfg, aug=self.cfg["augment"], dcfg=dcfg, run_dir=run_dir,
+                        phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=False,
+                        save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
+                        title=title)
+        out = {"fingerprint": fingerprint(pcfg), "test_acc": res.final_test_acc, "seconds": res.seconds,
+               "img_per_s": res.images_per_s, "steps": res.steps, "phase": phase}
+        if self.ctx.is_main:
+            _write_json(run_dir / "done.json", out)
+            if last.exists() and not self.cfg["log"]["keep_last"]:
+                last.unlink()
+        self.ctx.barrier()
+        log(f"{title}: test acc {100 * (res.final_test_acc or 0):.2f}% in {res.seconds:.0f} s "
+            f"({res.images_per_s:.0f} img/s)", self.ctx)
+        return out
+
+    # ------------------------------------------------------------------------- meta, teacher
+    def pretrain_meta(self, resume=False):
+        seed_all(self.cfg["seed"])
+        model = build_model(self.cfg["meta"]["model"], self.cfg["meta"]["kwargs"], self.data)
+        seed_all(self.cfg["seed"] + 7919 * self.ctx.rank)
+        return self._train(EndToEnd(model), self.root / "meta", "pretrain-meta", self.phase_config("pretrain-meta"),
+                           self.cfg["meta"]["train"], self.cfg["seed"], resume, save_module=model, title="meta")
+
+    def train_teacher(self, resume=False):
+        seed_all(self.cfg["seed"] + 1)
+        model = build_model(self.cfg["teacher"]["model"], self.cfg["teacher"]["kwargs"], self.data)
+        seed_all(self.cfg["seed"] + 1 + 7919 * self.ctx.rank)
+        return self._train(EndToEnd(model), self.root / "teacher", "train-teacher", self.phase_config("train-teacher"),
+                           self.cfg["teacher"]["train"], self.cfg["seed"] + 1, resume, save_module=model,
+                           title="teacher")
+
+    def load_meta(self):
+        model = build_model(self.cfg["meta"]["model"], self.cfg["meta"]["kwargs"], self.data)
+        path = self.root / "meta" / "model.safetensors"
+        if not path.exists():
+            raise CheckpointError(f"no meta model at {path}: run `m2mkd-fast pretrain-meta` first")
+        sd, _ = load_weights(path)
+        load_state_checked(model, sd, f"meta model {path}")
+        return model.eval()
+
+    def load_teacher(self, from_modules: bool = True):
+        """The teacher, from its split modules (split-teacher's output) or its full weights."""
+        model = build_model(self.cfg["teacher"]["model"], self.cfg["teacher"]["kwargs"], self.data)
+        mdir = self.root / "teacher_modules"
+        if from_modules and (mdir / "module_0.safetensors").exists():
+            stages = model.stages
+            for i in range(model.num_stages):
+                sd, _ = load_weights(mdir / f"module_{i}.safetensors")
+                load_state_checked(stages[i], sd, f"teacher module {i}")
+            return model.eval()
+        path = self.root / "teacher" / "model.safetensors"
+        if not path.exists():
+            raise CheckpointError(f"no teacher at {path}: run `m2mkd-fast train-teacher` first")
+        sd, _ = load_weights(path)
+        load_state_checked(model, sd, f"teacher {path}")
+        return model.eval()
+
+    def split_teacher(self):
+        """Cut the trained teacher into its modules: teacher_modules/module_<i>.safetensors."""
+        teacher = self.load_teacher(from_modules=False)
+        meta_n = self._num_stages("vmoe")
+        if teacher.num_stages != meta_n:
+            raise ValueError(f"the teacher has {teacher.num_stages} stages but the meta model {meta_n}: "
+                             "set teacher.kwargs.num_stages to the meta model's num_stages")
+        mdir = self.root / "teacher_modules"
+        tfp = fingerprint(self.phase_config("train-teacher"))
+        if self.ctx.is_main:
+            for i, stage in enumerate(teacher.stages):
+                save_weights(stage, mdir / f"module_{i}.safetensors",
+                             {"module": i, "num_stages": teacher.num_stages, "model": self.cfg["teacher"]["model"],
+                              "teacher_fingerprint": tfp})
+        self.ctx.barrier()
+        log(f"split-teacher: {teacher.num_stages} modules written to {mdir}", self.ctx)
+        return mdir
+
+    def _teacher_split_current(self) -> bool:
+        p = self.root / "teacher_modules" / "module_0.safetensors"
+        if not p.exists():
+            return False
+        _, meta = load_weights(p)
+        return meta.get("teacher_fingerprint") == fingerprint(self.phase_config("train-teacher"))
+
+    # ------------------------------------------------------------------------------- students
+    def build_student(self, kind: str, seed: int):
+        st = self.cfg["students"][kind]
+        seed_all(seed)
+        model = build_model(st["model"], st["kwargs"], self.data)
+        return model
+
+    def distill(self, kind: str, seed: int, module="all", resume=False):
+        """m2mKD pair(s): ``module`` an index or "all" (one after the other)."""
+        meta = self.load_meta()
+        teacher = self.load_teacher()
+        n = meta.num_stages
+        indices = range(n) if module == "all" else [int(module)]
+        for i in indices:
+            if not 0 <= i < n:
+                raise ValueError(f"--module must be in [0, {n - 1}] or 'all', got {i}")
+        out = {}
+        for i in indices:
+            full = self.build_student(kind, seed)
+            if full.num_stages != n:
+                raise ValueError(f"the {kind} student has {full.num_stages} modules but the meta model has {n} stages")
+            seed_all(seed * 1000 + i)  # the stitch layers' init
+            student = pair_student(kind, full, i, width(meta), seed)
+            task = PairTask(meta, teacher, student, i)
+            seed_all(seed * 1000 + i + 7919 * self.ctx.rank)
+            run_dir = self.student_dir(kind, seed) / "distill" / f"module_{i}"
+            res = self._train(task, run_dir, "distill", self.phase_config("distill", kind, seed, i),
+                              self.cfg["students"][kind]["distill"], seed * 1000 + i, resume,
+                              dcfg=self.cfg["distill"], save_module=student, title=f"{kind} s{seed} pair {i}")
+            if "teacher_pair_acc" not in res:
+                task.to(self.ctx.device).eval()
+                res["teacher_pair_acc"] = evaluate_accuracy(task.forward_teacher, self.data.test,
+                                                            Normalize(self.data.mean, self.data.std), 256,
+                                                            self.ctx.device, self.ctx)
+                if self.ctx.is_main:
+                    _write_json(run_dir / "done.json", res)
+            out[i] = res
+        return out
+
+    def _distilled_states(self, kind: str, seed: int, n: int):
+        states = []
+        for i in range(n):
+            run_dir = self.student_dir(kind, seed) / "distill" / f"module_{i}"
+            path = run_dir / "model.safetensors"
+            if not path.exists():
+                raise CheckpointError(f"distilled module {i} missing ({path}): run `m2mkd-fast distill --student {kind} "
+                                      f"--seed {seed} --module {i}` first")
+            full = self.build_student(kind, seed)
+            seed_all(seed * 1000 + i)
+            pair = pair_student(kind, full, i, width(self.load_meta()), seed)
+            sd, _ = load_weights(path)
+            load_state_checked(pair, sd, f"distilled module {path}")
+            states.append(module_state(kind, pair))
+        return states
+
+    def assemble(self, kind: str, seed: int):
+        model = self.build_student(kind, seed)
+        states = self._distilled_states(kind, seed, model.num_stages)
+        report = assemble(kind, model, states)
+        path = self.student_dir(kind, seed) / "assembled.safetensors"
+        if self.ctx.is_main:
+            save_weights(model, path, {"phase": "assemble", "kind": kind, "seed": seed, "report": report})
+        self.ctx.barrier()
+        log(f"assemble {kind} s{seed}: {report.get('loaded_params', 0)}/{report.get('total_params', 0)} parameters "
+            f"from distilled modules -> {path}", self.ctx)
+        return path
+
+    def finetune(self, kind: str, seed: int, resume=False):
+        model = self.build_student(kind, seed)
+        path = self.student_dir(kind, seed) / "assembled.safetensors"
+        if not path.exists():
+            raise CheckpointError(f"no assembled student at {path}: run `m2mkd-fast assemble --student {kind} --seed {seed}`")
+        sd, _ = load_weights(path)
+        load_state_checked(model, sd, f"assembled student {path}")
+        seed_all(seed + 17 + 7919 * self.ctx.rank)
+        return self._train(EndToEnd(model), self.student_dir(kind, seed) / "finetune", "finetune",
+                           self.phase_config("finetune", kind, seed), self.cfg["students"][kind]["finetune"],
+                           seed + 17, resume, save_module=model, title=f"{kind} s{seed} finetune")
+
+    def scratch(self, kind: str, seed: int, resume=False):
+        model = self.build_student(kind, seed)
+        seed_all(seed + 17 + 7919 * self.ctx.rank)
+        return self._train(EndToEnd(model), self.student_dir(kind, seed) / "scratch", "scratch",
+                           self.phase_config("scratch", kind, seed), self.cfg["students"][kind]["finetune"],
+                           seed + 17, resume, save_module=model, title=f"{kind} s{seed} scratch")
+
+    # ------------------------------------------------------------------------------ evaluate
+    def load_trained_student(self, kind: str, seed: int, which: str):
+        model = self.build_student(kind, seed)
+        if which == "assembled":
+            path = self.student_dir(kind, seed) / "assembled.safetensors"
+        else:
+            path = self.student_dir(kind, seed) / which / "model.safetensors"
+        if not path.exists():
+            raise CheckpointError(f"no {which} {kind} student at {path}")
+        sd, _ = load_weights(path)
+        load_state_checked(model, sd, f"{which} student {path}")
+        return model.to(self.ctx.device).eval()
+
+    def evaluate(self, kind: str, seed: int, which: str = "finetune", model=None):
+        """IID, OOD (corrupted test split) and few-shot (digits, linear probe) accuracy."""
+        model = model if model is not None else self.load_trained_student(kind, seed, which)
+        res = evaluate_model(model, self.data, self.cfg["evaluate"], self.ctx)
+        res.update(kind=kind, seed=seed, which=which)
+        if self.ctx.is_main:
+            _write_json(self.student_dir(kind, seed) / f"eval_{which}.json", res)
+        log(f"evaluate {kind} s{seed} {which}: IID {100 * res['iid']:.2f}%  OOD {100 * res['ood']:.2f}%  "
+            + "  ".join(f"{k} {100 * v['mean']:.1f}±{100 * v['ci95']:.1f}%" for k, v in res["fewshot"].items()), self.ctx)
+        return res
+
+    # ----------------------------------------------------------------------------- reproduce
+    def reproduce(self, report_dir=None):
+        """Everything: meta, teacher, split, then per seed and student: distill all pairs,
+        assemble, finetune, evaluate, scratch, evaluate; then REPORT.md."""
+        t0 = time.time()
+        timings = {}
+
+        def timed(key, fn, *a, **k):
+            t = time.time()
+            r = fn(*a, **k)
+            timings[key] = timings.get(key, 0.0) + time.time() - t
+            return r
+
+        rcfg = self.cfg["reproduce"]
+        timed("pretrain-meta", self.pretrain_meta, resume="auto")
+        timed("train-teacher", self.train_teacher, resume="auto")
+        if self.force or not self._teacher_split_current():
+            timed("split-teacher", self.split_teacher)
+        for seed in rcfg["seeds"]:
+            for kind in rcfg["students"]:
+                timed(f"{kind}/distill", self.distill, kind, seed, "all", resume="auto")
+                timed(f"{kind}/assemble", self.assemble, kind, seed)
+                timed(f"{kind}/finetune", self.finetune, kind, seed, resume="auto")
+                timed(f"{kind}/evaluate", self.evaluate, kind, seed, "finetune")
+                timed(f"{kind}/scratch", self.scratch, kind, seed, resume="auto")
+                timed(f"{kind}/evaluate", self.evaluate, kind, seed, "scratch")
+        wall = time.time() - t0
+        if self.ctx.is_main:
+            from .report import write_report
+
+            path = write_report(self, timings, wall, report_dir)
+            log(f"reproduce: done in {wall / 60:.1f} min; report {path}", self.ctx)
+            return path
+        return None
+
+
+@torch.no_grad()
+def features_of(model, x):
+    """Pre-logit features (what the few-shot head is trained on)."""
+    if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
+        try:
+            return model.forward_head(model.forward_features(x), pre_logits=True)
+        except TypeError:
+            pass
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__}: no forward_head(pre_logits=True) nor get_classifier()")
+    box = {}
+    handle = head.register_forward_hook(lambda m, inp, out: box.__setitem__("f", inp[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return box["f"]
+
+
+@torch.no_grad()
+def evaluate_model(model, data, ecfg: dict, ctx: DistContext | None = None) -> dict:
+    ctx = ctx or DistContext()
+    device = ctx.device
+    model = model.to(device).eval()
+    norm = Normalize(data.mean, data.std)
+    bs = int(ecfg["batch_size"])
+    t = time.time()
+    iid = evaluate_accuracy(model, data.test, norm, bs, device, ctx)
+    out = {"iid": iid}
+    try:
+        ood_set = corrupted_copy(data.test, int(ecfg["ood_severity"]), int(ecfg["ood_seed"]))
+    except TypeError:
+        ood_set = None
+    if ood_set is not None:
+        preds = []
+        for x, _ in iterate_batches(ood_set, bs, device):
+            preds.append(model(norm(x)).argmax(-1).cpu())
+        correct = (torch.cat(preds) == ood_set.labels)
+        out["ood"] = float(correct.float().mean())
+        out["ood_per_corruption"] = {name: float(correct[ood_set.corruption_of == ci].float().mean())
+                                     for ci, name in enumerate(ood_set.corruption_names)}
+    else:
+        out["ood"] = float("nan")
+    fs = ecfg["fewshot"]
+    digits = load_digits_dataset(data.img_size, data.in_chans)
+    feats = []
+    for x, _ in iterate_batches(digits, bs, device):
+        feats.append(features_of(model, norm(x)).float().cpu())
+    feats = torch.cat(feats)
+    out["fewshot"] = {}
+    for shots in fs["shots"]:
+        mean, ci, _ = linear_probe_episodes(feats, digits.labels, ways=int(fs["ways"]), shots=int(shots),
+                                            queries=int(fs["queries"]), episodes=int(fs["episodes"]),
+                                            seed=int(fs["seed"]), steps=int(fs["steps"]), lr=float(fs["lr"]))
+        out["fewshot"][f"{fs['ways']}w{shots}s"] = {"mean": mean, "ci95": ci}
+    out["seconds"] = time.time() - t
+    return out
