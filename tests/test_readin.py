@@ -80,14 +80,20 @@ SHAPES = [  # B, U, V, H, C, Din
 ]
 
 
-def _grad_atol(ref64: torch.Tensor, dtype: torch.dtype) -> float | None:
-    """SDPA's backward (FlashAttention's dS = P ⊙ (dP − rowsum(dO ⊙ O))) cancels terms of the size
-    of dP that the reference's softmax backward never forms: in fp32 that costs a few ulps of the
-    gradient's scale, which can exceed 2x the reference's own (smaller) error. Allow 32 ulps of
-    (1 + max |gradient|) in fp32; bf16 keeps the default rule."""
-    if dtype != torch.float32:
-        return None
-    return 32 * torch.finfo(torch.float32).eps * (1 + ref64.abs().max().item())
+def _grad_atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
+    """The FlashAttention rule plus what no implementation can avoid.
+
+    bf16: rounding the result itself, one ulp of the largest |value| (a scalar like dβ, or a tiny
+    tensor, can otherwise hit a reference that rounded the lucky way). fp32: long reductions (dσ,
+    dβ over B·H·U·V terms) and SDPA's backward (dS = P ⊙ (dP − rowsum(dO ⊙ O)) cancels terms of
+    the size of dP that the reference never forms) cost a few ulps of the gradient's scale, which
+    can exceed 2x a reference error that is by luck far below an ulp: allow 32 ulps of
+    (1 + max |gradient|).
+    """
+    scale = 1 + ref64.abs().max().item()
+    if dtype == torch.float32:
+        return 32 * torch.finfo(torch.float32).eps * scale
+    return max(1e-3, torch.finfo(dtype).eps * scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -131,8 +137,10 @@ def test_non_contiguous_inputs():
 
 def test_gradcheck_float64():
     tensors = [t.requires_grad_() for t in _inputs(2, 3, 4, 2, 3, 5)]
-    assert torch.autograd.gradcheck(torch_readin, tuple(tensors))
-    assert torch.autograd.gradcheck(lambda *a: mk.ops.readin_attention(*a, backend="torch"), tuple(tensors))
+    assert torch.autograd.gradcheck(torch_readin, tuple(tensors), fast_mode=True)
+    assert torch.autograd.gradcheck(ref_materialised, tuple(tensors), fast_mode=True)
+    small = [t.requires_grad_() for t in _inputs(1, 2, 3, 2, 2, 3)]
+    assert torch.autograd.gradcheck(lambda *a: mk.ops.readin_attention(*a, backend="torch"), tuple(small))
 
 
 def test_empty_batch_and_receivers():

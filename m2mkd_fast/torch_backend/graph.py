@@ -116,8 +116,8 @@ def graph_attention(
         bias = bias[None, None]  # [1,1,U,V]
     else:
         bias = bias[:, None]  # [B,1,U,V]
-    scores = torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-1, -2))  # [B,H,U,V]
-    logits = scores + bias if scores.dtype == bias.dtype else scores.to(bias.dtype) + bias
+    scores = torch.matmul(q, k.transpose(-1, -2))  # [B,H,U,V] in the inputs' dtype
+    logits = torch.add(bias, scores, alpha=1.0 / math.sqrt(head_dim))  # one pass, in the bias' (fp32+) dtype
     attn = torch.softmax(logits, dim=-1).to(v.dtype)
     out = torch.matmul(attn, v)
     return out.masked_fill(empty[:, None], 0.0)

@@ -1,0 +1,300 @@
+"""Kernel-modulated graph attention (DESIGN §2.4): oracle, torch backend, the op's checks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import m2mkd_fast as mk
+from m2mkd_fast.reference.graph import graph_attention as ref_graph
+from m2mkd_fast.reference.graph import graph_log_affinity, graph_noise
+from m2mkd_fast.reference.random import philox_uniform
+from m2mkd_fast.torch_backend import graph as torch_graph_module
+from m2mkd_fast.torch_backend.graph import graph_attention as torch_graph
+from tolerance import assert_close_to_reference
+
+NAMES = ["q", "k", "v", "sig_r", "sig_s", "bandwidth"]
+EPS32 = torch.finfo(torch.float32).eps
+INF = float("inf")
+MODES = {
+    "no_sample": dict(),
+    "sample": dict(temperature=0.5, seed=2**33 + 17),
+    "threshold": dict(threshold=True),
+    "dense": dict(truncation=None),
+}
+
+
+def _inputs(batch, heads, receivers, senders, head_dim, sig_dim=16, dtype=torch.float64, seed=0, beta=0.8):
+    """Random inputs, rounded to ``dtype`` and returned in float64 (upcast them for the reference)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, receivers, head_dim), (batch, heads, senders, head_dim), (batch, heads, senders, head_dim), (receivers, sig_dim), (senders, sig_dim)]
+    tensors = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+    tensors.append(torch.tensor(beta, dtype=torch.float64))
+    return [t.to(dtype).to(torch.float64) for t in tensors]
+
+
+def _leaves(tensors, dtype):
+    return [t.to(dtype).requires_grad_() for t in tensors]
+
+
+# ---------------------------------------------------------------- hand-computed oracle cases
+
+
+def test_log_affinity_hand_computed_with_ties():
+    sig_r = torch.tensor([[2.0, 0.0]])
+    sig_s = torch.tensor([[1.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [1.0, 1.0]])  # dist 0, 1, 2, 1 − 1/√2
+    beta = torch.tensor(0.5)
+    d3 = 1 - 1 / math.sqrt(2)
+    ell = graph_log_affinity(sig_r, sig_s, beta, truncation=0.9)
+    torch.testing.assert_close(ell, torch.tensor([[0.0, -INF, -INF, -d3 / 0.5]]))
+    ell_tie = graph_log_affinity(sig_r, sig_s, beta, truncation=1.0)  # dist == τ is kept
+    torch.testing.assert_close(ell_tie, torch.tensor([[0.0, -2.0, -INF, -d3 / 0.5]]))
+    ell_all = graph_log_affinity(sig_r, sig_s, beta, truncation=None)
+    torch.testing.assert_close(ell_all, torch.tensor([[0.0, -2.0, -4.0, -d3 / 0.5]]))
+    # threshold: 0 where dist/β ≤ ln 2 (0 and 0.586 yes, 2 no) and within truncation, −∞ elsewhere
+    thr = graph_log_affinity(sig_r, sig_s, beta, truncation=1.0, threshold=True)
+    torch.testing.assert_close(thr, torch.tensor([[0.0, -INF, -INF, 0.0]]))
+    assert not thr.requires_grad
+
+
+def test_attention_hand_computed():
+    # one receiver, three senders, one head, C = 4: scores q·k/2 plus the kernel bias
+    sig_r = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    sig_s = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)  # dist 0, 0.293, 1
+    beta = torch.tensor(1.0, dtype=torch.float64)
+    q = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]], dtype=torch.float64)
+    k = torch.tensor([[[[2.0, 0, 0, 0], [4.0, 0, 0, 0], [0.0, 0, 0, 0]]]], dtype=torch.float64)
+    v = torch.tensor([[[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]]], dtype=torch.float64)
+    d1 = 1 - 1 / math.sqrt(2)
+    logits = torch.tensor([1.0 - 0.0, 2.0 - d1], dtype=torch.float64)  # the third sender is truncated
+    a = torch.softmax(logits, 0)
+    expected = torch.tensor([a[0], a[1], 0.0, 0.0], dtype=torch.float64)
+    for fn in (ref_graph, torch_graph):
+        torch.testing.assert_close(fn(q, k, v, sig_r, sig_s, beta).reshape(4), expected, rtol=0, atol=1e-14)
+    # no truncation: the third sender joins with bias −1
+    a3 = torch.softmax(torch.tensor([1.0, 2.0 - d1, 0.0 - 1.0], dtype=torch.float64), 0)
+    for fn in (ref_graph, torch_graph):
+        out = fn(q, k, v, sig_r, sig_s, beta, truncation=None).reshape(4)
+        torch.testing.assert_close(out, torch.cat([a3, a3.new_zeros(1)]), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("fn", [ref_graph, torch_graph], ids=["oracle", "torch"])
+def test_sampled_bias_follows_the_shared_stream(fn):
+    """Recover the bias from the attention weights (q = 0, one-hot values) and rebuild it by hand
+    from philox_uniform at offsets (b·U + u)·V + v: checks the stream, the offsets and the formula."""
+    batch, receivers, senders, heads, seed, t = 2, 3, 5, 2, 987654321987, 0.5
+    sig_r = torch.randn(receivers, 8, dtype=torch.float64)
+    sig_s = torch.randn(senders, 8, dtype=torch.float64)
+    beta = torch.tensor(0.7, dtype=torch.float64)
+    q = torch.zeros(batch, heads, receivers, senders, dtype=torch.float64)
+    k = torch.randn(batch, heads, senders, senders, dtype=torch.float64)
+    v = torch.eye(senders, dtype=torch.float64).expand(batch, heads, senders, senders)
+    attn = fn(q, k, v, sig_r, sig_s, beta, truncation=None, temperature=t, seed=seed)  # [B,H,U,V] = weights
+    dist = 1 - F.normalize(sig_r, dim=-1) @ F.normalize(sig_s, dim=-1).t()
+    p = torch.exp(-dist / beta).clamp(EPS32, 1 - EPS32)
+    for b in range(batch):
+        for u in range(receivers):
+            offsets = torch.tensor([(b * receivers + u) * senders + s for s in range(senders)])
+            n = philox_uniform(seed, offsets).double().clamp(EPS32, 1 - EPS32)
+            z = (torch.log(p[u]) - torch.log1p(-p[u]) + torch.log(n) - torch.log1p(-n)) / t
+            bias = F.logsigmoid(z)
+            for h in range(heads):
+                log_a = torch.log(attn[b, h, u])
+                torch.testing.assert_close(log_a - log_a[0], bias - bias[0], rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------- torch backend vs the oracle
+
+SHAPES = [  # B, H, U, V, C
+    (2, 3, 59, 111, 8),
+    (1, 2, 7, 1, 16),
+    (3, 1, 1, 59, 5),
+    (2, 2, 111, 7, 4),
+]
+
+
+def _grad_atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
+    """The FlashAttention rule plus what no implementation can avoid.
+
+    bf16: rounding the result itself, one ulp of the largest |value| (a scalar like dβ, or a tiny
+    tensor, can otherwise hit a reference that rounded the lucky way). fp32: long reductions (dσ,
+    dβ over B·H·U·V terms) and SDPA's backward (dS = P ⊙ (dP − rowsum(dO ⊙ O)) cancels terms of
+    the size of dP that the reference never forms) cost a few ulps of the gradient's scale, which
+    can exceed 2x a reference error that is by luck far below an ulp: allow 32 ulps of
+    (1 + max |gradient|).
+    """
+    scale = 1 + ref64.abs().max().item()
+    if dtype == torch.float32:
+        return 32 * torch.finfo(torch.float32).eps * scale
+    return max(1e-3, torch.finfo(dtype).eps * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_torch_backend_matches_oracle_forward_and_all_grads(shape, mode, dtype):
+    kwargs = MODES[mode]
+    base = _inputs(*shape, dtype=dtype, seed=sum(shape))
+    leaves64, leaves_ref, leaves = _leaves(base, torch.float64), _leaves(base, dtype), _leaves(base, dtype)
+    out64 = ref_graph(*leaves64, **kwargs)
+    out_ref = ref_graph(*leaves_ref, **kwargs)
+    out = torch_graph(*leaves, **kwargs)
+    assert out.dtype == dtype
+    assert_close_to_reference(out, out64, out_ref, name=f"o ({mode})")
+    grad = torch.randn_like(out64)
+    wrt = [i for i in range(6) if mode != "threshold" or i < 3]  # threshold: no gradient to σ, β
+    g64 = torch.autograd.grad(out64, [leaves64[i] for i in wrt], grad)
+    g_ref = torch.autograd.grad(out_ref, [leaves_ref[i] for i in wrt], grad.to(dtype))
+    g = torch.autograd.grad(out, [leaves[i] for i in wrt], grad.to(dtype))
+    for i, a, r64, r in zip(wrt, g, g64, g_ref):
+        assert a.dtype == dtype
+        assert_close_to_reference(a, r64, r, atol=_grad_atol(r64, dtype), name=f"d{NAMES[i]} ({mode})")
+
+
+def test_dense_noise_path_equals_the_kept_edge_path(monkeypatch):
+    base = _inputs(2, 2, 9, 13, 4)
+    kwargs = dict(temperature=0.5, seed=77)
+    sparse_bias, _ = torch_graph_module.graph_bias(*base[3:], 2, 0.9, 0.5, 77)
+    sparse = torch_graph(*base, **kwargs)
+    monkeypatch.setattr(torch_graph_module, "_sparse_noise_ok", lambda device: False)
+    dense_bias, _ = torch_graph_module.graph_bias(*base[3:], 2, 0.9, 0.5, 77)
+    assert torch.isneginf(sparse_bias).any() and torch.isfinite(sparse_bias).any()
+    assert torch.equal(sparse_bias, dense_bias)
+    assert torch.equal(sparse, torch_graph(*base, **kwargs))
+
+
+# ---------------------------------------------------------------- sampling properties
+
+
+@pytest.mark.parametrize("fn", [ref_graph, torch_graph], ids=["oracle", "torch"])
+def test_sampling_reproducible_same_over_heads_fresh_per_batch_element(fn):
+    q, k, v, sig_r, sig_s, beta = _inputs(1, 1, 6, 10, 4)
+    heads, batch = 3, 2
+    q, k, v = (t.expand(batch, heads, -1, -1) for t in (q, k, v))  # identical heads and batch elements
+    out = fn(q, k, v, sig_r, sig_s, beta, temperature=0.5, seed=5)
+    assert torch.equal(out, fn(q, k, v, sig_r, sig_s, beta, temperature=0.5, seed=5))
+    assert not torch.equal(out, fn(q, k, v, sig_r, sig_s, beta, temperature=0.5, seed=6))
+    for h in range(1, heads):
+        assert torch.equal(out[:, h], out[:, 0])  # the same sample for every head
+    assert not torch.allclose(out[0], out[1])  # a fresh sample per batch element
+    assert not torch.allclose(out, fn(q, k, v, sig_r, sig_s, beta))  # sampling changes the result
+
+
+def test_seed_clamp_difference_is_bounded():
+    base = _inputs(2, 2, 20, 30, 8)
+    sig_s = torch.cat([base[3], base[4][20:]])  # every receiver is among the senders: no empty row
+    args = base[:4] + [sig_s, base[5]]
+    exact = ref_graph(*args, temperature=0.5, seed=3)
+    seedlike = ref_graph(*args, temperature=0.5, seed=3, seed_clamp=True)
+    diff = (exact - seedlike).abs().max().item()
+    # a truncated edge gets y = sigmoid((logit ε + logit n)/t): typically e^-32, but the tail of logit n
+    # makes its mean mass ~e^-15.9 ≈ 1.2e-7 per edge: a small, nonzero difference
+    assert 0 < diff < 1e-5
+
+
+def test_empty_rows_give_zero_output_and_zero_grads():
+    batch, heads, receivers, senders, c = 2, 3, 6, 5, 4
+    q, k, v, _, _, beta = _inputs(batch, heads, receivers, senders, c, seed=4)
+    sig_s = torch.randn(senders, 8, dtype=torch.float64)
+    sig_r = torch.randn(receivers, 8, dtype=torch.float64)
+    sig_r[:2] = sig_s[:2]  # receivers 0, 1 have an edge (distance 0); truncation 0.05 leaves the rest empty
+    for fn in (ref_graph, torch_graph):
+        for kwargs in (dict(), dict(temperature=0.5, seed=1), dict(threshold=True)):
+            leaves = _leaves([q, k, v, sig_r, sig_s, beta], torch.float32)
+            out = fn(*leaves, truncation=0.05, **kwargs)
+            assert torch.isfinite(out).all()
+            assert torch.count_nonzero(out[:, :, 2:]) == 0 and torch.count_nonzero(out[:, :, :2]) > 0
+            out.square().sum().backward()
+            for name, t in zip(NAMES, leaves):
+                assert t.grad is None or torch.isfinite(t.grad).all(), name
+            assert torch.count_nonzero(leaves[0].grad[:, :, 2:]) == 0
+            # all rows empty: all zeros, still no NaN
+            out = fn(*leaves, truncation=1e-6 if kwargs else 0.05, **kwargs)[:, :, 2:]
+            assert torch.isfinite(out).all() and torch.count_nonzero(out) == 0
+
+
+def test_threshold_mode_gives_signatures_and_bandwidth_no_gradient():
+    for fn in (ref_graph, torch_graph):
+        leaves = _leaves(_inputs(2, 2, 7, 9, 4), torch.float32)
+        out = fn(*leaves, threshold=True)
+        grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+        assert all(g is not None for g in grads[:3])
+        assert all(g is None or torch.count_nonzero(g) == 0 for g in grads[3:])
+        # and in the other modes they do get one
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out.square().sum(), leaves[3:])
+        assert all(torch.count_nonzero(g) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(temperature=0.5, seed=11), dict(truncation=None)], ids=["ell", "sample", "dense"])
+def test_gradcheck_float64(kwargs):
+    leaves = _leaves(_inputs(2, 1, 3, 5, 2, sig_dim=3, seed=9), torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: torch_graph(*a, **kwargs), tuple(leaves), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: ref_graph(*a, **kwargs), tuple(leaves), fast_mode=True)
+
+
+def test_gradcheck_float64_through_the_op():
+    leaves = _leaves(_inputs(1, 1, 3, 4, 2, sig_dim=3, seed=10), torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: mk.ops.graph_attention(*a, temperature=0.5, seed=3, backend="torch"), tuple(leaves))
+
+
+def test_non_contiguous_inputs():
+    q, k, v, sig_r, sig_s, beta = _inputs(2, 3, 7, 9, 4)
+    q_nc = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_nc = torch.stack([k, k], -1).flatten(-2)[..., ::2]
+    v_nc = v.transpose(2, 3).contiguous().transpose(2, 3)
+    sig_r_nc = sig_r.t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (q_nc, k_nc, v_nc, sig_r_nc))
+    for kwargs in MODES.values():
+        want = ref_graph(q, k, v, sig_r, sig_s, beta, **kwargs)
+        got = mk.ops.graph_attention(q_nc, k_nc, v_nc, sig_r_nc, sig_s, beta, backend="torch", **kwargs)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_oracle_uniform_argument_is_the_seeded_stream():
+    q, k, v, sig_r, sig_s, beta = _inputs(2, 2, 5, 6, 4)
+    seeded = ref_graph(q, k, v, sig_r, sig_s, beta, temperature=0.5, seed=42)
+    given = ref_graph(q, k, v, sig_r, sig_s, beta, temperature=0.5, uniform=graph_noise(42, 2, 5, 6))
+    assert torch.equal(seeded, given)
+
+
+# ---------------------------------------------------------------- the op
+
+
+def test_op_dispatches_to_the_torch_backend():
+    args = _inputs(2, 2, 5, 6, 4)
+    for kwargs in MODES.values():
+        torch.testing.assert_close(mk.ops.graph_attention(*args, backend="torch", **kwargs), torch_graph(*args, **kwargs), rtol=0, atol=0)
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v, sig_r, sig_s, beta = _inputs(2, 2, 5, 6, 4)
+    op = mk.ops.graph_attention
+    cases = [
+        ((q[0], k, v, sig_r, sig_s, beta), {}, ValueError, r"q must be \[B, H, U, C\]"),
+        ((q, k[..., :3], v, sig_r, sig_s, beta), {}, ValueError, r"k must be \[B, H, V, C\]"),
+        ((q, k, v[:, :, :5], sig_r, sig_s, beta), {}, ValueError, r"v must have k's shape"),
+        ((q, k, v, sig_r[:4], sig_s, beta), {}, ValueError, r"sig_r must be \[U, S\] with U = 5"),
+        ((q, k, v, sig_r, sig_s[:, :3], beta), {}, ValueError, r"sig_s must be \[V, S\] = \(6, 16\)"),
+        ((q, k, v, sig_r, sig_s, beta[None]), {}, ValueError, "bandwidth must be 0-dim"),
+        ((q, k, v, sig_r, sig_s, -beta), {}, ValueError, "bandwidth must be > 0"),
+        ((q, k, v, sig_r, sig_s, beta.float()), {}, TypeError, "bandwidth has dtype torch.float32 but q has torch.float64"),
+        ((q, k.float(), v, sig_r, sig_s, beta), {}, TypeError, "k has dtype"),
+        ((q, k, v, sig_r.to("meta"), sig_s, beta), {}, ValueError, "sig_r is on meta but q is on cpu"),
+        ((q, k, v, sig_r, sig_s, beta), dict(temperature=0.5), ValueError, "seed must be given"),
+        ((q, k, v, sig_r, sig_s, beta), dict(temperature=0.5, seed=1.5), ValueError, "seed must be an int"),
+        ((q, k, v, sig_r, sig_s, beta), dict(temperature=0.5, seed=-1), ValueError, "seed must be an int"),
+        ((q, k, v, sig_r, sig_s, beta), dict(temperature=0.5, seed=2**63), ValueError, "seed must be an int"),
+        ((q, k, v, sig_r, sig_s, beta), dict(temperature=0.0, seed=1), ValueError, "temperature must be"),
+        ((q, k, v, sig_r, sig_s, beta), dict(temperature=0.5, seed=1, threshold=True), ValueError, "exclusive"),
+        ((q, k, v, sig_r, sig_s, beta), dict(truncation=0.0), ValueError, r"truncation must be a number in \(0, 2\]"),
+        ((q, k, v, sig_r, sig_s, beta), dict(truncation=2.5), ValueError, "truncation must be"),
+        ((q, k, v, sig_r, sig_s, beta), dict(threshold=1), TypeError, "threshold must be a bool"),
+    ]
+    for args, kwargs, err, match in cases:
+        with pytest.raises(err, match=match):
+            op(*args, backend="torch", **kwargs)
+    big = torch.empty(1, 1, 2**16, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"B·U·V = 4294967296 must be below 2\*\*31"):
+        op(big, big, big, torch.empty(2**16, 1, dtype=torch.float64), torch.empty(2**16, 1, dtype=torch.float64), beta, backend="torch")
