@@ -1,0 +1,54 @@
+"""The benchmark suite runs end to end at quick shapes and its comparison reads two runs."""
+
+import json
+import os
+
+import pytest
+
+from m2mkd_fast.bench import report, suite
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = suite.run("ops", quick=True, out=str(out))
+    return out, results
+
+
+def test_quick_run_writes_report_plots_and_json(quick_run):
+    out, results = quick_run
+    text = (out / "REPORT.md").read_text()
+    assert "## Ops" in text and "moe_mlp" in text and "graph_attention" in text and "readin_attention" in text
+    assert {"moe_tokens.png", "moe_experts.png", "readin_batch.png", "graph_density.png"} <= set(os.listdir(out))
+    data = json.loads((out / "bench.json").read_text())
+    assert data["environment"]["torch"]
+    ok = [r for r in data["records"] if r["status"] == "ok"]
+    failed = [r for r in data["records"] if r["status"] != "ok"]
+    assert not failed, failed[:3]
+    families = {r["family"] for r in ok}
+    assert families == {"route", "moe_mlp", "readin_attention", "graph_attention"}
+    assert all(r["ms"] > 0 for r in ok)
+
+
+def test_failing_case_is_reported_and_run_goes_on():
+    def broken(_pass):
+        def run():
+            raise RuntimeError("boom")
+        return run
+
+    case = suite.ops_cases.Case("moe_mlp", "broken", "T=1", broken, {"fwd": 1.0}, {"fwd": 1.0})
+    records = suite.run_cases([case], "cpu", True, {"matmul_flops": 1e9, "copy_bytes_per_s": 1e9}, ("fwd",))
+    assert records[0]["status"] == "failed" and "boom" in records[0]["reason"]
+
+
+def test_compare_prints_ratios(quick_run, tmp_path):
+    out, results = quick_run
+    slower = json.loads((out / "bench.json").read_text())
+    for r in slower["records"]:
+        if r["status"] == "ok":
+            r["ms"] *= 2
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(slower))
+    table = report.compare(str(out / "bench.json"), str(b))
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "B / A" not in line]
+    assert rows and all(line.rstrip(" |").endswith("2.00") for line in rows)
