@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .. import backend as _backend
+from .routing import select_backend
 
 __all__ = ["graph_attention"]
 
@@ -114,5 +114,5 @@ def graph_attention(
         seed = int(seed)
     if not _tracing() and not bool(bandwidth.detach() > 0):
         raise ValueError(f"graph_attention: bandwidth must be > 0, got {bandwidth.item()}")
-    _, fn = _backend.select("graph_attention", q.device, backend)
+    fn = select_backend("graph_attention", q.device, backend)  # also inside torch.compile
     return fn(q, k, v, sig_r, sig_s, bandwidth, truncation, temperature, seed, threshold)

@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from .. import backend as _backend
+from .routing import select_backend
 
 __all__ = ["readin_attention"]
 
@@ -73,5 +73,5 @@ def readin_attention(
             raise TypeError(f"readin_attention: {name} has dtype {t.dtype} but q has {q.dtype}; all tensors must share one dtype")
         if t.device != q.device:
             raise ValueError(f"readin_attention: {name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
-    _, fn = _backend.select("readin_attention", q.device, backend)
+    fn = select_backend("readin_attention", q.device, backend)  # also inside torch.compile
     return fn(q, x, w_k, w_v, s_k, s_v, b_v)
