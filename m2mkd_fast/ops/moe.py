@@ -4,8 +4,8 @@ from typing import Optional
 
 import torch
 
-from .. import backend as _backend
 from ..routing_result import Routing
+from .routing import select_backend
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
@@ -94,5 +94,5 @@ def moe_mlp(
         the weights and biases, and r.weight; an expert without tokens gets zero gradients.
     """
     check_moe_mlp_args(x, r, w1, b1, w2, b2, activation)
-    _, fn = _backend.select("moe_mlp", x.device, backend)
+    fn = select_backend("moe_mlp", x.device, backend)
     return fn(x, r, w1, b1, w2, b2, activation)
