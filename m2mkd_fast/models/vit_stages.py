@@ -114,14 +114,24 @@ class StagedVisionTransformer(VisionTransformer):
                 x = self.forward_head(x)
         return x
 
-    def _reset_aux(self) -> None:
-        for m in self.modules():
-            if hasattr(m, "last_aux_loss"):
-                m.last_aux_loss = None
+    def _reset_aux(self, start: int, end: int) -> None:
+        """Forget the aux losses of the layers in stages [start, end) (about to run again)."""
+        if start >= end:
+            return
+        a, b = self.stage_block_ranges[start][0], self.stage_block_ranges[end - 1][1]
+        for j in range(a, b):
+            for m in self.blocks[j].modules():
+                if hasattr(m, "last_aux_loss"):
+                    m.last_aux_loss = None
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        """Sum of the auxiliary losses of the layers that ran in the latest forward (0 for a ViT)."""
+        """Sum of the auxiliary losses of the layers as of their latest run (0 for a ViT).
+
+        A forward over stages [start, end) replaces the losses of those stages' layers only, so
+        after a full forward (or after running every stage once, in any calls) this is the
+        model's total; ``model.stages[i].aux_loss`` is stage i's own.
+        """
         return collect_aux_loss(self.modules(), like=self.patch_embed.proj.weight)
 
     # ----------------------------------------------------------------------------- forward
@@ -130,7 +140,7 @@ class StagedVisionTransformer(VisionTransformer):
         """Embeddings, all blocks and the final norm: tokens ``[B, N, D]`` (as timm's)."""
         if attn_mask is not None or is_causal:
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        self._reset_aux()
+        self._reset_aux(0, self.num_stages)
         for i in range(self.num_stages):
             x = self._forward_stage(i, x, head=False)
         return x
@@ -138,7 +148,7 @@ class StagedVisionTransformer(VisionTransformer):
     def forward(self, x: torch.Tensor, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
         """Run stages ``[start, end)``: images in when ``start == 0``, logits out when ``end`` is the last."""
         start, end = check_stage_range(start, end, self.num_stages)
-        self._reset_aux()
+        self._reset_aux(start, end)
         for i in range(start, end):
             x = self._forward_stage(i, x)
         return x
