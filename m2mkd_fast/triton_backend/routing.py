@@ -1,0 +1,117 @@
+"""Top-k expert routing on Triton (DESIGN §2.1): m2mkd_fast.kernels.moe_routing.
+
+``route`` wraps the torch.library custom op ``m2mkd_fast_triton::route`` (weight, expert, slot,
+counts; shapes from the input shapes only, so torch.compile traces through it) whose autograd
+(``m2mkd_fast_triton::route_backward``) carries the gradient of the weights to the logits. The
+capacity is computed on the host from Python numbers (T, k, cf, E): nothing is read back from
+the device. Integer outputs equal the oracle's (m2mkd_fast.reference.routing) exactly.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from ..kernels import moe_routing as _k
+from ..routing_result import Routing
+
+_NS = "m2mkd_fast_triton"
+GATES = ("vmoe", "naive")
+
+
+def expert_capacity(group_size: int, k: int, capacity_factor: Optional[float], num_experts: int) -> Optional[int]:
+    """ceil((S·k)·cf/E) on Python floats, in that order, rounded up to a multiple of 4.
+
+    None when dropless (capacity_factor None); 0 for an empty group; ValueError if cf ≤ 0 or the
+    capacity is below 1.
+    """
+    if capacity_factor is None:
+        return None
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+    if group_size == 0:
+        return 0
+    capacity = math.ceil((group_size * k) * capacity_factor / num_experts)
+    if capacity < 1:
+        raise ValueError(
+            f"expert capacity {capacity} < 1 (group_size={group_size}, k={k}, "
+            f"capacity_factor={capacity_factor}, num_experts={num_experts})"
+        )
+    return -(-capacity // 4) * 4
+
+
+@torch.library.custom_op(f"{_NS}::route", mutates_args=(), device_types=("cuda", "cpu"))
+def _route_fwd(
+    logits: torch.Tensor, k: int, gate: str, capacity: int, batch_priority: bool, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # weight first: the float output leads (torch.library.opcheck sums the outputs in order)
+    expert, weight, slot, counts = _k.route_forward(logits, k, gate == "vmoe", None if capacity < 0 else capacity, batch_priority, group_size)
+    return weight, expert, slot, counts
+
+
+@_route_fwd.register_fake
+def _(logits, k, gate, capacity, batch_priority, group_size):
+    T, E = logits.shape
+    return (
+        logits.new_empty((T, k)),
+        logits.new_empty((T, k), dtype=torch.int64),
+        logits.new_empty((T, k), dtype=torch.int64),
+        logits.new_empty((E,), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op(f"{_NS}::route_backward", mutates_args=(), device_types=("cuda", "cpu"))
+def _route_bwd(grad_weight: torch.Tensor, logits: torch.Tensor, expert: torch.Tensor, gate: str) -> torch.Tensor:
+    return _k.route_backward(grad_weight, logits, expert, gate == "vmoe")
+
+
+@_route_bwd.register_fake
+def _(grad_weight, logits, expert, gate):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, _, gate, _, _, _ = inputs
+    ctx.gate = gate
+    ctx.save_for_backward(logits, output[1])
+
+
+def _backward(ctx, grad_weight, _g_expert, _g_slot, _g_counts):
+    logits, expert = ctx.saved_tensors
+    if grad_weight is None or not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    return _route_bwd(grad_weight, logits, expert, ctx.gate), None, None, None, None, None
+
+
+torch.library.register_autograd(f"{_NS}::route", _backward, setup_context=_setup_context)
+
+
+def route(
+    logits: torch.Tensor,
+    k: int,
+    gate: str = "vmoe",
+    capacity_factor: Optional[float] = None,
+    batch_priority: bool = False,
+    group_size: Optional[int] = None,
+) -> Routing:
+    """Route T tokens to k of E experts on Triton (arguments validated by ``m2mkd_fast.ops.route``).
+
+    logits [T, E] (any strides) → Routing(expert [T, k] int64, weight [T, k] logits.dtype,
+    slot [T, k] int64 (−1 = dropped), counts [E] int64, capacity int | None). See
+    m2mkd_fast.reference.routing for the conventions (weights of dropped pairs are kept, BPR
+    ranks by first-choice weight, T = 0).
+    """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    T, E = logits.shape
+    if not 1 <= k <= E:
+        raise ValueError(f"k={k} must satisfy 1 <= k <= num_experts={E}")
+    if group_size is None:
+        S = T
+    elif group_size < 1 or T % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the number of tokens T={T}")
+    else:
+        S = group_size
+    capacity = expert_capacity(S, k, capacity_factor, E)
+    weight, expert, slot, counts = _route_fwd(logits, k, gate, -1 if capacity is None else capacity, batch_priority, S)
+    return Routing(expert, weight, slot, counts, capacity)
