@@ -261,7 +261,7 @@ def config_differences(saved: dict, current: dict, ignore=RESUMABLE_CHANGES) -> 
     a, b = _flatten(saved), _flatten(current)
     diffs = []
     for k in sorted(set(a) | set(b)):
-        if any(k == p or k.startswith(p) for p in ignore):
+        if any(k == p.rstrip(".") or k.startswith(p) for p in ignore):
             continue
         if json.dumps(a.get(k, "<absent>"), sort_keys=True) != json.dumps(b.get(k, "<absent>"), sort_keys=True):
             diffs.append(f"{k}: checkpoint {a.get(k, '<absent>')!r} vs now {b.get(k, '<absent>')!r}")

@@ -31,10 +31,11 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Ten
     return F.kl_div(ls, lt, reduction="sum", log_target=True) * (tau * tau) / student.numel()
 
 
-def one_hot_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+def one_hot_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Label-smoothed one-hot [B, K]: 1 − ε + ε/K on the label, ε/K elsewhere (timm's convention)."""
     off = smoothing / num_classes
-    y = torch.full((labels.shape[0], num_classes), off, device=labels.device, dtype=torch.float32)
+    y = torch.full((labels.shape[0], num_classes), off, device=labels.device, dtype=dtype)
     return y.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
 
 
@@ -58,7 +59,7 @@ class DistillationLoss(torch.nn.Module):
 
     def forward(self, student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None = None):
         if targets.dim() == 1:
-            targets = one_hot_targets(targets, student.shape[-1])
+            targets = one_hot_targets(targets, student.shape[-1], dtype=student.dtype)
         if targets.shape != student.shape:
             raise ValueError(f"targets {tuple(targets.shape)} do not match student logits {tuple(student.shape)}")
         base = soft_target_cross_entropy(student, targets)

@@ -15,12 +15,18 @@ from ..models.stages import collect_aux_loss
 
 
 def model_aux_loss(model: nn.Module):
-    """A model's auxiliary loss after its forward (V-MoE load balancing, NAC's signature
-    regulariser) or None when it has none."""
+    """A model's auxiliary loss after its forward, or None when it has none: V-MoE's
+    load-balancing loss (``model.aux_loss``, the sum over its MoE layers) and NAC's signature
+    regulariser (``model.signature_regulariser()``, DESIGN §2.6)."""
+    total = None
     aux = getattr(model, "aux_loss", None)
     if isinstance(aux, torch.Tensor):
-        return aux
-    return None
+        total = aux
+    reg = getattr(model, "signature_regulariser", None)
+    if callable(reg):
+        r = reg()
+        total = r if total is None else total + r
+    return total
 
 
 class EndToEnd(nn.Module):
