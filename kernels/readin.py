@@ -1,0 +1,502 @@
+"""Triton kernels for NAC read-in attention in folded form (DESIGN §2.3), forward and backward.
+
+The folded read-in is multi-head attention whose keys AND values are the layer-normed input
+tokens x itself, shared by every head, with head dimension Din for scores and outputs:
+
+    S[b, r, n] = scale · Q'[b, r, :] · X[b, n, :]          r = one (latent, head) query row
+    O[b, r, :] = Σ_n softmax_n(S[b, r, :]) · X[b, n, :]
+    STATS[b, r] = (m, log2 l): the row max of S·log2(e) and log2 of the row's Σ exp2(S·log2 e − m),
+                  fp32, saved for the backward (logsumexp_n S = (m + log2 l)·ln 2)
+
+Because K = V = X is the same for every head, the H·U query rows of one batch element form one
+long query set of R rows: the kernels see Q' as [B, R, Din] (rows in any order) and X as
+[B, N, Din], and every X tile a program loads serves every head of its row block, once as key
+and once as value. No atomics anywhere.
+
+Grids (R = H·U rows per batch element, N = V tokens):
+  forward   ``_readin_fwd``  : (cdiv(R, BLOCK_M), B)   one program per block of query rows
+  backward  ``_readin_bwd_dq``: (cdiv(R, BLOCK_M), B)   dQ' rows; also writes delta = rowsum(dO⊙O)
+            ``_readin_bwd_dx``: (cdiv(N, BLOCK_N), B, SPLIT)  dX rows, looping over all R query rows
+            (key and value contributions, every head); SPLIT > 1 only when B·cdiv(N, BLOCK_N)
+            alone cannot fill the GPU: each split owns a contiguous range of query rows and writes
+            an fp32 partial, summed afterwards (a deterministic reduction instead of atomics).
+At ImageNet read-in shapes (B=128, H=8, U=192, V=784) the forward grid is 24×128 = 3072 programs
+for BLOCK_M=64 and the dX grid 13×128 = 1664 for BLOCK_N=64; Triton launches program id 0
+fastest, so the programs of one batch element run together and share its X in L2.
+
+Din (a multiple of 16, 16…512) is covered by two power-of-two column pieces DA + DB
+(DA = the largest power of two ≤ Din, DB = the next power of two ≥ Din − DA, or none): 320 =
+256 + 64 and 256 = 256 exactly, so the real NAC shapes waste no column; only piece B is masked.
+
+Dot operands are the input dtype (bf16 → tensor cores, fp32 → "ieee" precision so fp32 results
+stay fp32-accurate); accumulation is always fp32. Under TRITON_INTERPRET=1, where bf16 ``tl.dot``
+is broken (DESIGN §6), the launchers set DOT_FP32 so operands are cast to fp32 first: the same
+numbers as the tensor core's exact bf16 products with fp32 accumulation.
+
+This module holds kernels and launchers only: no autograd (see m2mkd_fast.triton_backend.readin).
+"""
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_DIN = 512
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def din_pieces(din: int) -> tuple[int, int]:
+    """The two power-of-two column pieces (DA, DB) covering Din (DB = 0 when DA covers it):
+    DA = the largest power of two ≤ Din (at least 16), DB = the next power of two ≥ Din − DA
+    (at least 16). 320 → (256, 64), 256 → (256, 0), 48 → (32, 16), 8 → (16, 0)."""
+    if din < 1 or din > MAX_DIN:
+        raise ValueError(f"readin kernels: Din must be in [1, {MAX_DIN}], got {din}")
+    da = max(16, 1 << (din.bit_length() - 1))
+    rest = din - da
+    db = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+    return da, db
+
+
+# --------------------------------------------------------------------------------------------
+# autotune configurations: explicit and small; pruned by the Din pieces (see _prune_*). Under the
+# interpreter one tiny config, so tests exercise several tiles and ragged edges on tiny shapes.
+# --------------------------------------------------------------------------------------------
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+if _interpreting():
+    FWD_CONFIGS = [_cfg(16, 16, 1, 1)]
+    DQ_CONFIGS = [_cfg(16, 16, 1, 1)]
+    DX_CONFIGS = [_cfg(16, 16, 1, 1)]
+else:
+    # (BLOCK_M, BLOCK_N, warps, stages). Register budget: the fp32 accumulator is BLOCK_M × Din
+    # (BLOCK_N × Din for dX); _max_tile bounds it per warp count so nothing spills.
+    FWD_CONFIGS = [
+        _cfg(128, 64, 8, 2),
+        _cfg(128, 32, 8, 2),
+        _cfg(64, 64, 4, 2),
+        _cfg(64, 32, 4, 2),
+        _cfg(64, 64, 8, 2),
+        _cfg(32, 32, 4, 2),
+    ]
+    DQ_CONFIGS = [
+        _cfg(128, 64, 8, 2),
+        _cfg(64, 64, 4, 2),
+        _cfg(64, 32, 4, 2),
+        _cfg(64, 64, 8, 2),
+        _cfg(32, 32, 4, 2),
+    ]
+    DX_CONFIGS = [
+        _cfg(128, 64, 8, 2),
+        _cfg(64, 128, 8, 2),
+        _cfg(64, 64, 4, 2),
+        _cfg(32, 64, 4, 2),
+        _cfg(64, 64, 8, 2),
+        _cfg(32, 32, 4, 2),
+    ]
+
+# Largest "accumulator rows × Din-columns" (fp32 elements) a config may hold per warp, and the
+# same for the streamed tile, checked with ptxas for sm_80/sm_90a (see tests/test_triton_readin).
+_ACC_PER_WARP = {"fwd": 64 * 320 // 4 * 2, "dq": 64 * 256 // 4, "dx": 64 * 256 // 4}
+
+
+def _fits(kind: str, acc_rows: int, stream_rows: int, din_cols: int, warps: int, elem_bytes: int) -> bool:
+    if acc_rows * din_cols > _ACC_PER_WARP[kind] * warps:
+        return False
+    # shared memory: the streamed tile(s), double buffered, plus the resident operand tiles
+    resident = {"fwd": 1, "dq": 2, "dx": 1}[kind]
+    streamed = {"fwd": 1, "dq": 1, "dx": 2}[kind]
+    smem = (2 * streamed * stream_rows + resident * acc_rows) * din_cols * elem_bytes
+    return smem <= 160 * 1024  # below sm_80's 163 KiB per block
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        da, db = args["DA"], args["DB"] if args["HAS_B"] else 0
+        elem = args["X"].element_size() if not args["DOT_FP32"] else 4
+        keep = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            acc, stream = (bn, bm) if kind == "dx" else (bm, bn)
+            if _fits(kind, acc, stream, da + db, c.num_warps, elem):
+                keep.append(c)
+        return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["R", "N", "D"], prune_configs_by={"early_config_prune": _pruner("fwd")})
+@triton.jit
+def _readin_fwd(
+    Q, X, O, STATS,
+    R, N, D,
+    stride_qb, stride_qr,
+    stride_xb, stride_xn,
+    stride_ob, stride_or,
+    stride_sb,
+    qk_scale,  # scale · log2(e)
+    DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_a = tl.arange(0, DA)
+    offs_b = DA + tl.arange(0, DB)
+    mask_m = offs_m < R
+    mask_a = offs_a < D
+    mask_b = offs_b < D
+
+    q_ptr = Q + b * stride_qb + offs_m[:, None] * stride_qr
+    qa = tl.load(q_ptr + offs_a[None, :], mask=mask_m[:, None] & mask_a[None, :], other=0.0)
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if HAS_B:
+        qb = tl.load(q_ptr + offs_b[None, :], mask=mask_m[:, None] & mask_b[None, :], other=0.0)
+        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    x_base = X + b * stride_xb
+    for start_n in range(0, N, BLOCK_N):
+        cur_n = start_n + offs_n
+        mask_n = cur_n < N
+        x_ptr = x_base + cur_n[:, None] * stride_xn
+        xa = tl.load(x_ptr + offs_a[None, :], mask=mask_n[:, None] & mask_a[None, :], other=0.0)
+        s = _dot(qa, tl.trans(xa), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+        if HAS_B:
+            xb = tl.load(x_ptr + offs_b[None, :], mask=mask_n[:, None] & mask_b[None, :], other=0.0)
+            s = _dot(qb, tl.trans(xb), s, DOT_FP32, PRECISION)
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(X.dtype.element_ty)
+        acc_a = _dot(p, xa, acc_a * alpha[:, None], DOT_FP32, PRECISION)
+        if HAS_B:
+            acc_b = _dot(p, xb, acc_b * alpha[:, None], DOT_FP32, PRECISION)
+        m_i = m_new
+
+    # N == 0 (no token): zero output rather than NaN
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    inv_l = 1.0 / l_safe
+    o_ptr = O + b * stride_ob + offs_m[:, None] * stride_or
+    tl.store(o_ptr + offs_a[None, :], (acc_a * inv_l[:, None]).to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_a[None, :])
+    if HAS_B:
+        tl.store(o_ptr + offs_b[None, :], (acc_b * inv_l[:, None]).to(O.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_b[None, :])
+    # the backward recomputes P = exp2((S·log2e − m) − log2 l): keeping m apart from log2 l avoids
+    # rounding their (possibly large) sum, so P is as accurate as in the forward
+    stats_ptr = STATS + b * stride_sb + offs_m * 2
+    tl.store(stats_ptr, m_i, mask=mask_m)
+    tl.store(stats_ptr + 1, tl.log2(l_safe), mask=mask_m)
+
+
+@triton.jit
+def _load_pair_tile(PAIR, b, row_start, row_end, stride_pb, stride_pr, offs_d, mask_d, BLOCK_M: tl.constexpr):
+    """The [2·BLOCK_M, len(offs_d)] tile of PAIR whose row 2i is dO[row_start + i] and row 2i+1
+    is Q'[row_start + i] (rows ≥ row_end read as zeros)."""
+    k = 2 * row_start + tl.arange(0, 2 * BLOCK_M)
+    ptr = PAIR + b * stride_pb + k[:, None] * stride_pr + offs_d[None, :]
+    return tl.load(ptr, mask=(k < 2 * row_end)[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _unpair(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[2·BLOCK_M, BLOCK_N] with rows (dO·, Q'·) interleaved → (dP, S), each [BLOCK_M, BLOCK_N]."""
+    return tl.split(tl.permute(tl.reshape(t, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
+
+
+@triton.autotune(configs=DQ_CONFIGS, key=["R", "N", "D"], prune_configs_by={"early_config_prune": _pruner("dq")})
+@triton.jit
+def _readin_bwd_dq(
+    PAIR, X, O, STATS, DELTA, DQ,
+    R, N, D,
+    stride_pb, stride_pr,
+    stride_xb, stride_xn,
+    stride_ob, stride_or,
+    stride_sb, stride_db,
+    stride_dqb, stride_dqr,
+    scale, qk_scale,
+    DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # dQ'[r] = scale · Σ_n dS[r, n] · X[n],  dS = P ⊙ (dP − delta),  dP = dO · Xᵀ.
+    # S and dP come from ONE dot: the resident tile T interleaves the rows of dO and Q' (PAIR is
+    # [B, 2R, Din], row 2r = dO[r], row 2r+1 = Q'[r]), so T · Xᵀ gives both, and its 2·BLOCK_M
+    # rows keep every warp group of the tensor-core tile busy without duplicated work.
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_a = tl.arange(0, DA)
+    offs_b = DA + tl.arange(0, DB)
+    mask_m = offs_m < R
+    mask_a = offs_a < D
+    mask_b = offs_b < D
+    mask_mb = mask_m[:, None] & mask_b[None, :]
+
+    # delta = rowsum(dO ⊙ O)
+    do_ptr = PAIR + b * stride_pb + (2 * offs_m)[:, None] * stride_pr
+    o_ptr = O + b * stride_ob + offs_m[:, None] * stride_or
+    mask_ma = mask_m[:, None] & mask_a[None, :]
+    doa = tl.load(do_ptr + offs_a[None, :], mask=mask_ma, other=0.0)
+    oa = tl.load(o_ptr + offs_a[None, :], mask=mask_ma, other=0.0)
+    delta = tl.sum(doa.to(tl.float32) * oa.to(tl.float32), 1)
+    if HAS_B:
+        dob = tl.load(do_ptr + offs_b[None, :], mask=mask_mb, other=0.0)
+        ob = tl.load(o_ptr + offs_b[None, :], mask=mask_mb, other=0.0)
+        delta += tl.sum(dob.to(tl.float32) * ob.to(tl.float32), 1)
+    tl.store(DELTA + b * stride_db + offs_m, delta, mask=mask_m)
+    stats_ptr = STATS + b * stride_sb + offs_m * 2
+    row_max = tl.load(stats_ptr, mask=mask_m, other=0.0)
+    log2_l = tl.load(stats_ptr + 1, mask=mask_m, other=0.0)
+
+    ta = _load_pair_tile(PAIR, b, pid_m * BLOCK_M, R, stride_pb, stride_pr, offs_a, mask_a, BLOCK_M)
+    dqa = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if HAS_B:
+        tb = _load_pair_tile(PAIR, b, pid_m * BLOCK_M, R, stride_pb, stride_pr, offs_b, mask_b, BLOCK_M)
+        dqb = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+
+    x_base = X + b * stride_xb
+    for start_n in range(0, N, BLOCK_N):
+        cur_n = start_n + offs_n
+        mask_n = cur_n < N
+        x_ptr = x_base + cur_n[:, None] * stride_xn
+        xa = tl.load(x_ptr + offs_a[None, :], mask=mask_n[:, None] & mask_a[None, :], other=0.0)
+        sd = _dot(ta, tl.trans(xa), tl.zeros([2 * BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+        if HAS_B:
+            xb = tl.load(x_ptr + offs_b[None, :], mask=mask_n[:, None] & mask_b[None, :], other=0.0)
+            sd = _dot(tb, tl.trans(xb), sd, DOT_FP32, PRECISION)
+        dp, s = _unpair(sd, BLOCK_M, BLOCK_N)
+        p = tl.exp2((s * qk_scale - row_max[:, None]) - log2_l[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        ds = (p * (dp - delta[:, None]) * scale).to(X.dtype.element_ty)
+        dqa = _dot(ds, xa, dqa, DOT_FP32, PRECISION)
+        if HAS_B:
+            dqb = _dot(ds, xb, dqb, DOT_FP32, PRECISION)
+
+    dq_ptr = DQ + b * stride_dqb + offs_m[:, None] * stride_dqr
+    tl.store(dq_ptr + offs_a[None, :], dqa.to(DQ.dtype.element_ty), mask=mask_ma)
+    if HAS_B:
+        tl.store(dq_ptr + offs_b[None, :], dqb.to(DQ.dtype.element_ty), mask=mask_mb)
+
+
+@triton.autotune(configs=DX_CONFIGS, key=["R", "N", "D", "ROWS_PER_SPLIT"],
+                 prune_configs_by={"early_config_prune": _pruner("dx")})
+@triton.jit
+def _readin_bwd_dx(
+    PAIR, X, STATS, DELTA, DX,
+    R, N, D, ROWS_PER_SPLIT,
+    stride_pb, stride_pr,
+    stride_xb, stride_xn,
+    stride_sb, stride_db,
+    stride_dxs, stride_dxb, stride_dxn,
+    scale, qk_scale,
+    DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # dX[n] = Σ_r P[r,n]·dO[r] (X as value) + scale·Σ_r dS[r,n]·Q'[r] (X as key), over every
+    # query row r (all heads, all latents) of this program's split. With the streamed tile T
+    # interleaving rows of dO and Q', both sums are ONE dot: dXᵀ += Tᵀ · [P; dS] (rows
+    # interleaved the same way), and T · Xᵀ gives dP and S together. The accumulator is kept
+    # transposed, [Din, BLOCK_N], so its long side is the M side of the tensor-core tile.
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_a = tl.arange(0, DA)
+    offs_b = DA + tl.arange(0, DB)
+    mask_n = offs_n < N
+    mask_a = offs_a < D
+    mask_b = offs_b < D
+
+    x_ptr = X + b * stride_xb + offs_n[:, None] * stride_xn
+    xa = tl.load(x_ptr + offs_a[None, :], mask=mask_n[:, None] & mask_a[None, :], other=0.0)
+    dxa = tl.zeros([DA, BLOCK_N], dtype=tl.float32)
+    if HAS_B:
+        xb = tl.load(x_ptr + offs_b[None, :], mask=mask_n[:, None] & mask_b[None, :], other=0.0)
+        dxb = tl.zeros([DB, BLOCK_N], dtype=tl.float32)
+
+    m_lo = split * ROWS_PER_SPLIT
+    m_hi = tl.minimum(R, m_lo + ROWS_PER_SPLIT)
+    for start_m in range(m_lo, m_hi, BLOCK_M):
+        cur_m = start_m + offs_m
+        mask_m = cur_m < m_hi
+        ta = _load_pair_tile(PAIR, b, start_m, m_hi, stride_pb, stride_pr, offs_a, mask_a, BLOCK_M)
+        # masked rows: a row max of +inf makes P = 0, so they contribute nothing
+        stats_ptr = STATS + b * stride_sb + cur_m * 2
+        row_max = tl.load(stats_ptr, mask=mask_m, other=float("inf"))
+        log2_l = tl.load(stats_ptr + 1, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + b * stride_db + cur_m, mask=mask_m, other=0.0)
+        sd = _dot(ta, tl.trans(xa), tl.zeros([2 * BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+        if HAS_B:
+            tb = _load_pair_tile(PAIR, b, start_m, m_hi, stride_pb, stride_pr, offs_b, mask_b, BLOCK_M)
+            sd = _dot(tb, tl.trans(xb), sd, DOT_FP32, PRECISION)
+        dp, s = _unpair(sd, BLOCK_M, BLOCK_N)
+        p = tl.exp2((s * qk_scale - row_max[:, None]) - log2_l[:, None])
+        ds = p * (dp - delta[:, None]) * scale
+        pds = tl.reshape(tl.permute(tl.join(p, ds), [0, 2, 1]), [2 * BLOCK_M, BLOCK_N]).to(X.dtype.element_ty)
+        dxa = _dot(tl.trans(ta), pds, dxa, DOT_FP32, PRECISION)
+        if HAS_B:
+            dxb = _dot(tl.trans(tb), pds, dxb, DOT_FP32, PRECISION)
+
+    dx_ptr = DX + split.to(tl.int64) * stride_dxs + b * stride_dxb + offs_n[:, None] * stride_dxn
+    tl.store(dx_ptr + offs_a[None, :], tl.trans(dxa).to(DX.dtype.element_ty), mask=mask_n[:, None] & mask_a[None, :])
+    if HAS_B:
+        tl.store(dx_ptr + offs_b[None, :], tl.trans(dxb).to(DX.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_b[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _common(qp: torch.Tensor, x: torch.Tensor):
+    if qp.dim() != 3 or x.dim() != 3:
+        raise ValueError(f"readin kernels: expected q' [B, R, Din] and x [B, N, Din], got {tuple(qp.shape)} and {tuple(x.shape)}")
+    if qp.shape[0] != x.shape[0] or qp.shape[2] != x.shape[2]:
+        raise ValueError(f"readin kernels: q' {tuple(qp.shape)} and x {tuple(x.shape)} disagree on B or Din")
+    if qp.dtype != x.dtype or qp.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"readin kernels: q' and x must share one of float32/bfloat16/float16, got {qp.dtype}, {x.dtype}")
+    da, db = din_pieces(qp.shape[2])
+    dot_fp32 = _interpreting()
+    precision = "ieee" if qp.dtype == torch.float32 else "tf32"
+    return da, db, dot_fp32, precision
+
+
+def _consts(da: int, db: int, dot_fp32: bool, precision: str) -> dict:
+    return dict(DA=da, DB=max(db, 16), HAS_B=db > 0, DOT_FP32=dot_fp32, PRECISION=precision)
+
+
+def readin_fwd(qp: torch.Tensor, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: q' [B, R, Din], x [B, N, Din] → (o [B, R, Din] in q's dtype, stats [B, R, 2] fp32).
+
+    stats[..., 0] is the row max of scale·q'·x in log2 units, stats[..., 1] log2 of the row's
+    softmax denominator relative to it: logsumexp = (stats[..., 0] + stats[..., 1]) · ln 2."""
+    da, db, dot_fp32, precision = _common(qp, x)
+    qp, x = _last_dim_contiguous(qp), _last_dim_contiguous(x)
+    B, R, D = qp.shape
+    N = x.shape[1]
+    o = torch.empty((B, R, D), device=qp.device, dtype=qp.dtype)
+    stats = torch.empty((B, R, 2), device=qp.device, dtype=torch.float32)
+    if B == 0 or R == 0:
+        return o, stats
+    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), B)  # noqa: E731
+    _readin_fwd[grid](
+        qp, x, o, stats, R, N, D,
+        qp.stride(0), qp.stride(1), x.stride(0), x.stride(1), o.stride(0), o.stride(1), stats.stride(0),
+        float(scale) * LOG2E, **_consts(da, db, dot_fp32, precision),
+    )
+    return o, stats
+
+
+def logsumexp_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """logsumexp_n (scale · q'·x_n) [B, R] from the forward's stats."""
+    return (stats[..., 0] + stats[..., 1]) * LN2
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _dx_splits(B: int, R: int, N: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows per split) of the dX reduction over query rows: split only when the
+    B · cdiv(N, 64) programs of the dX grid cannot give every SM two programs."""
+    granule = 16 if _interpreting() else 128  # a multiple of every BLOCK_M
+    programs = B * triton.cdiv(N, 16 if _interpreting() else 64)
+    want = triton.cdiv(2 * _num_sms(device), max(programs, 1))
+    splits = max(1, min(want, triton.cdiv(R, granule), 8))
+    rows = triton.cdiv(triton.cdiv(R, splits), granule) * granule
+    return triton.cdiv(R, rows), rows
+
+
+def readin_bwd(
+    do: torch.Tensor,
+    qp: torch.Tensor,
+    x: torch.Tensor,
+    o: torch.Tensor,
+    stats: torch.Tensor,
+    scale: float,
+    dx_splits: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward: gradients (dq' [B, R, Din], dx [B, N, Din]) given dO and the forward's o, stats.
+    ``dx_splits`` overrides the split of the dX reduction over query rows (tests)."""
+    da, db, dot_fp32, precision = _common(qp, x)
+    qp, x, o = _last_dim_contiguous(qp), _last_dim_contiguous(x), _last_dim_contiguous(o)
+    stats = stats.contiguous()
+    B, R, D = qp.shape
+    N = x.shape[1]
+    dq = torch.empty((B, R, D), device=qp.device, dtype=qp.dtype)
+    dx = torch.empty((B, N, D), device=x.device, dtype=x.dtype)
+    if B == 0 or R == 0 or N == 0:
+        return dq.zero_(), dx.zero_()
+    # dO and Q' interleaved row by row: one tile feeds both the S and the dP product
+    pair = torch.empty((B, R, 2, D), device=qp.device, dtype=qp.dtype)
+    pair[:, :, 0] = do
+    pair[:, :, 1] = qp
+    pair = pair.view(B, 2 * R, D)
+    delta = torch.empty((B, R), device=qp.device, dtype=torch.float32)
+    consts = _consts(da, db, dot_fp32, precision)
+    qk_scale = float(scale) * LOG2E
+    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), B)  # noqa: E731
+    _readin_bwd_dq[grid](
+        pair, x, o, stats, delta, dq, R, N, D,
+        pair.stride(0), pair.stride(1), x.stride(0), x.stride(1), o.stride(0), o.stride(1),
+        stats.stride(0), delta.stride(0), dq.stride(0), dq.stride(1),
+        float(scale), qk_scale, **consts,
+    )
+    if dx_splits is None:
+        splits, rows = _dx_splits(B, R, N, qp.device)
+    else:
+        rows = triton.cdiv(R, max(1, dx_splits))
+        splits = triton.cdiv(R, rows)
+    target = dx if splits == 1 else torch.empty((splits, B, N, D), device=x.device, dtype=torch.float32)
+    stride_s = 0 if splits == 1 else target.stride(0)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B, splits)  # noqa: E731
+    _readin_bwd_dx[grid](
+        pair, x, stats, delta, target, R, N, D, rows,
+        pair.stride(0), pair.stride(1), x.stride(0), x.stride(1), stats.stride(0), delta.stride(0),
+        stride_s, target.stride(-3), target.stride(-2),
+        float(scale), qk_scale, **consts,
+    )
+    if splits > 1:
+        dx = target.sum(0).to(x.dtype)
+    return dq, dx
+
+
+def reference_scale(head_dim: int) -> float:
+    """The read-in's softmax scale 1/√C, C the ORIGINAL head dim (not Din)."""
+    return 1.0 / math.sqrt(head_dim)
