@@ -14,5 +14,9 @@ Every model has ``num_stages``, ``stages`` (views sharing its parameters) and
 
 from .stages import ModelStage, split_depth
 from .vit_stages import StagedVisionTransformer, as_staged
+from .vmoe import VisionMoE, VMoEMLP, moe_block_indices
+from .nac import NACState, NeuralAttentiveCircuit
+from . import graph_priors
 
-__all__ = ["ModelStage", "split_depth", "StagedVisionTransformer", "as_staged"]
+__all__ = ["ModelStage", "split_depth", "StagedVisionTransformer", "as_staged", "VisionMoE", "VMoEMLP",
+           "moe_block_indices", "NACState", "NeuralAttentiveCircuit", "graph_priors"]

@@ -205,6 +205,8 @@ def _timm_cfg(name: str, weights: bool) -> Dict[str, Any]:
         for key in ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict"):
             cfg.pop(key, None)
         cfg["url"] = ""
+        if not cfg.get("num_classes"):
+            cfg["num_classes"] = 1000  # e.g. ViT-H/14's in21k features-only weights: a head for a fresh model
     return cfg
 
 
