@@ -8,7 +8,10 @@
 //   graph_forward   o[b,h,u] = softmax_e(scale q·k_e + bias[b,e]) · v_e,  lse per row
 //   graph_backward  dq, dk, dv and d bias (summed over heads; over batch when bias is shared)
 // Rows without an edge give o = 0 and zero gradients.
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -28,17 +31,23 @@ struct GraphArgs {
   const T* lse;
   const int64_t* row_ptr;
   const int64_t* col;
-  T* out;    // forward: o;   backward: dq
+  const int64_t* col_ptr;   // backward: CSC view of the same edges
+  const int64_t* csc_row;
+  const int64_t* csc_edge;
+  T* out;      // forward: o;   backward: dq
   T* lse_out;
   T* dk;
   T* dv;
-  T* dbias;  // [B*H, nnz]
-  int64_t H, U, V, C, nnz;
+  T* dbias_acc;  // backward: per-thread accumulators [threads, Bl, nnz] (or null)
+  int64_t H, U, V, C, nnz, Bl;
   bool shared_bias;
   T scale;
 };
 
-// ---------------------------------------------------------------------------------------------
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// =============================================================================================
+// Generic path (any C, float32 or float64): plain loops the compiler vectorises.
 // forward: one task = a range of (b, h) pairs.
 template <typename T>
 M2_ALWAYS_INLINE void graph_fwd_body(const GraphArgs<T>& a, int64_t bh0, int64_t bh1) {
@@ -66,60 +75,28 @@ M2_ALWAYS_INLINE void graph_fwd_body(const GraphArgs<T>& a, int64_t bh0, int64_t
         lseb[u] = -std::numeric_limits<T>::infinity();
         continue;
       }
-      // scores, four senders at a time (independent accumulator chains)
       T mx = -std::numeric_limits<T>::infinity();
-      int64_t j = 0;
-      for (; j + 4 <= n; j += 4) {
-        const T* k0 = kb + cu[j] * C;
-        const T* k1 = kb + cu[j + 1] * C;
-        const T* k2 = kb + cu[j + 2] * C;
-        const T* k3 = kb + cu[j + 3] * C;
-        T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int64_t c = 0; c < C; ++c) {
-          const T x = qu[c];
-          a0 += x * k0[c];
-          a1 += x * k1[c];
-          a2 += x * k2[c];
-          a3 += x * k3[c];
-        }
-        s[j] = a0 * scale + bu[j];
-        s[j + 1] = a1 * scale + bu[j + 1];
-        s[j + 2] = a2 * scale + bu[j + 2];
-        s[j + 3] = a3 * scale + bu[j + 3];
-      }
-      for (; j < n; ++j) {
+      for (int64_t j = 0; j < n; ++j) {
         const T* k0 = kb + cu[j] * C;
         T a0 = 0;
 #pragma omp simd reduction(+ : a0)
         for (int64_t c = 0; c < C; ++c) a0 += qu[c] * k0[c];
         s[j] = a0 * scale + bu[j];
+        mx = s[j] > mx ? s[j] : mx;
       }
-      for (j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
       T sum = 0;
-      for (j = 0; j < n; ++j) {
+      for (int64_t j = 0; j < n; ++j) {
         s[j] = std::exp(s[j] - mx);
         sum += s[j];
       }
       for (int64_t c = 0; c < C; ++c) ou[c] = T(0);
-      j = 0;
-      for (; j + 4 <= n; j += 4) {
-        const T* v0 = vb + cu[j] * C;
-        const T* v1 = vb + cu[j + 1] * C;
-        const T* v2 = vb + cu[j + 2] * C;
-        const T* v3 = vb + cu[j + 3] * C;
-        const T p0 = s[j], p1 = s[j + 1], p2 = s[j + 2], p3 = s[j + 3];
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) ou[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c];
-      }
-      for (; j < n; ++j) {
+      for (int64_t j = 0; j < n; ++j) {
         const T* v0 = vb + cu[j] * C;
         const T p0 = s[j];
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) ou[c] += p0 * v0[c];
       }
       const T inv = T(1) / sum;
-#pragma omp simd
       for (int64_t c = 0; c < C; ++c) ou[c] *= inv;
       lseb[u] = mx + std::log(sum);
     }
@@ -127,13 +104,17 @@ M2_ALWAYS_INLINE void graph_fwd_body(const GraphArgs<T>& a, int64_t bh0, int64_t
 }
 M2_MULTIVERSION(graph_fwd, (const GraphArgs<scalar_t>& a, int64_t bh0, int64_t bh1), (a, bh0, bh1))
 
-// ---------------------------------------------------------------------------------------------
-// backward: one task = a range of (b, h) pairs; each owns its dk, dv slice and its row of
-// dbias, so there are no write conflicts.
+// backward: one task = a range of (b, h) pairs. Pass 1 walks the receiver rows (CSR): dq, and
+// p, ds per edge into scratch; pass 2 walks the sender columns (CSC): dk, dv accumulate in
+// registers. The bias gradient (ds summed over heads) goes to the calling thread's accumulator.
 template <typename T>
 M2_ALWAYS_INLINE void graph_bwd_body(const GraphArgs<T>& a, int64_t bh0, int64_t bh1) {
-  const int64_t U = a.U, V = a.V, C = a.C;
+  const int64_t U = a.U, V = a.V, C = a.C, nnz = a.nnz;
   const T scale = a.scale;
+  std::vector<T> pbuf(static_cast<size_t>(nnz) + 1), dsbuf(static_cast<size_t>(nnz) + 1);
+  T* pe = pbuf.data();
+  T* dse = dsbuf.data();
+  T* acc = a.dbias_acc ? a.dbias_acc + at::get_thread_num() * a.Bl * nnz : nullptr;
   for (int64_t bh = bh0; bh < bh1; ++bh) {
     const int64_t b = bh / a.H;
     const T* qb = a.q + bh * U * C;
@@ -142,15 +123,11 @@ M2_ALWAYS_INLINE void graph_bwd_body(const GraphArgs<T>& a, int64_t bh0, int64_t
     const T* ob = a.o + bh * U * C;
     const T* gb = a.dout + bh * U * C;
     const T* lseb = a.lse + bh * U;
-    const T* biasb = a.bias + (a.shared_bias ? 0 : b * a.nnz);
+    const T* biasb = a.bias + (a.shared_bias ? 0 : b * nnz);
     T* dqb = a.out + bh * U * C;
     T* dkb = a.dk + bh * V * C;
     T* dvb = a.dv + bh * V * C;
-    T* dbb = a.dbias ? a.dbias + bh * a.nnz : nullptr;
-    for (int64_t i = 0; i < V * C; ++i) {
-      dkb[i] = T(0);
-      dvb[i] = T(0);
-    }
+    T* accb = acc ? acc + (a.shared_bias ? 0 : b * nnz) : nullptr;
     for (int64_t u = 0; u < U; ++u) {
       const int64_t e0 = a.row_ptr[u];
       const int64_t n = a.row_ptr[u + 1] - e0;
@@ -166,64 +143,7 @@ M2_ALWAYS_INLINE void graph_bwd_body(const GraphArgs<T>& a, int64_t bh0, int64_t
 #pragma omp simd reduction(+ : D)
       for (int64_t c = 0; c < C; ++c) D += gu[c] * ou[c];
       const T lse = lseb[u];
-      int64_t j = 0;
-      for (; j + 4 <= n; j += 4) {
-        const T* k0 = kb + cu[j] * C;
-        const T* k1 = kb + cu[j + 1] * C;
-        const T* k2 = kb + cu[j + 2] * C;
-        const T* k3 = kb + cu[j + 3] * C;
-        const T* v0 = vb + cu[j] * C;
-        const T* v1 = vb + cu[j + 1] * C;
-        const T* v2 = vb + cu[j + 2] * C;
-        const T* v3 = vb + cu[j + 3] * C;
-        T s0 = 0, s1 = 0, s2 = 0, s3 = 0, d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, d0, d1, d2, d3)
-        for (int64_t c = 0; c < C; ++c) {
-          const T x = qu[c], g = gu[c];
-          s0 += x * k0[c];
-          s1 += x * k1[c];
-          s2 += x * k2[c];
-          s3 += x * k3[c];
-          d0 += g * v0[c];
-          d1 += g * v1[c];
-          d2 += g * v2[c];
-          d3 += g * v3[c];
-        }
-        const T p0 = std::exp(s0 * scale + bu[j] - lse);
-        const T p1 = std::exp(s1 * scale + bu[j + 1] - lse);
-        const T p2 = std::exp(s2 * scale + bu[j + 2] - lse);
-        const T p3 = std::exp(s3 * scale + bu[j + 3] - lse);
-        const T ds0 = p0 * (d0 - D), ds1 = p1 * (d1 - D), ds2 = p2 * (d2 - D), ds3 = p3 * (d3 - D);
-        if (dbb) {
-          dbb[e0 + j] = ds0;
-          dbb[e0 + j + 1] = ds1;
-          dbb[e0 + j + 2] = ds2;
-          dbb[e0 + j + 3] = ds3;
-        }
-        const T g0 = ds0 * scale, g1 = ds1 * scale, g2 = ds2 * scale, g3 = ds3 * scale;
-        T* dk0 = dkb + cu[j] * C;
-        T* dk1 = dkb + cu[j + 1] * C;
-        T* dk2 = dkb + cu[j + 2] * C;
-        T* dk3 = dkb + cu[j + 3] * C;
-        T* dv0 = dvb + cu[j] * C;
-        T* dv1 = dvb + cu[j + 1] * C;
-        T* dv2 = dvb + cu[j + 2] * C;
-        T* dv3 = dvb + cu[j + 3] * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T x = qu[c], g = gu[c];
-          dqu[c] += g0 * k0[c] + g1 * k1[c] + g2 * k2[c] + g3 * k3[c];
-          dk0[c] += g0 * x;
-          dk1[c] += g1 * x;
-          dk2[c] += g2 * x;
-          dk3[c] += g3 * x;
-          dv0[c] += p0 * g;
-          dv1[c] += p1 * g;
-          dv2[c] += p2 * g;
-          dv3[c] += p3 * g;
-        }
-      }
-      for (; j < n; ++j) {
+      for (int64_t j = 0; j < n; ++j) {
         const T* k0 = kb + cu[j] * C;
         const T* v0 = vb + cu[j] * C;
         T s0 = 0, d0 = 0;
@@ -234,21 +154,287 @@ M2_ALWAYS_INLINE void graph_bwd_body(const GraphArgs<T>& a, int64_t bh0, int64_t
         }
         const T p0 = std::exp(s0 * scale + bu[j] - lse);
         const T ds0 = p0 * (d0 - D);
-        if (dbb) dbb[e0 + j] = ds0;
+        pe[e0 + j] = p0;
+        dse[e0 + j] = ds0;
+        if (accb) accb[e0 + j] += ds0;
         const T g0 = ds0 * scale;
-        T* dk0 = dkb + cu[j] * C;
-        T* dv0 = dvb + cu[j] * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) dqu[c] += g0 * k0[c];
+      }
+    }
+    for (int64_t v = 0; v < V; ++v) {
+      T* dkv = dkb + v * C;
+      T* dvv = dvb + v * C;
+      for (int64_t c = 0; c < C; ++c) {
+        dkv[c] = T(0);
+        dvv[c] = T(0);
+      }
+      for (int64_t t = a.col_ptr[v]; t < a.col_ptr[v + 1]; ++t) {
+        const int64_t u = a.csc_row[t], e = a.csc_edge[t];
+        const T g0 = dse[e] * scale, p0 = pe[e];
+        const T* qu = qb + u * C;
+        const T* gu = gb + u * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          dqu[c] += g0 * k0[c];
-          dk0[c] += g0 * qu[c];
-          dv0[c] += p0 * gu[c];
+          dkv[c] += g0 * qu[c];
+          dvv[c] += p0 * gu[c];
         }
       }
     }
   }
 }
 M2_MULTIVERSION(graph_bwd, (const GraphArgs<scalar_t>& a, int64_t bh0, int64_t bh1), (a, bh0, bh1))
+
+// =============================================================================================
+// Fast path: float32 with C = 16·NV. q rows, dq, dk, dv and o live in NV vector registers;
+// four edges' dot products are reduced together (hsum4); exp is vectorised.
+template <int NV>
+M2_ALWAYS_INLINE void graph_fwd_fast_body(const GraphArgs<float>& a, int64_t bh0, int64_t bh1) {
+  using namespace vec;
+  constexpr int64_t C = 16 * NV;
+  const int64_t U = a.U, V = a.V;
+  std::vector<float> sbuf(static_cast<size_t>(V) + 32);
+  float* s = sbuf.data();
+  const float scale = a.scale;
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t b = bh / a.H;
+    const float* qb = a.q + bh * U * C;
+    const float* kb = a.k + bh * V * C;
+    const float* vb = a.v + bh * V * C;
+    const float* biasb = a.bias + (a.shared_bias ? 0 : b * a.nnz);
+    float* ob = a.out + bh * U * C;
+    float* lseb = a.lse_out + bh * U;
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t e0 = a.row_ptr[u];
+      const int64_t n = a.row_ptr[u + 1] - e0;
+      const int64_t* cu = a.col + e0;
+      const float* bu = biasb + e0;
+      float* ou = ob + u * C;
+      if (n == 0) {
+        for (int i = 0; i < NV; ++i) store(ou + 16 * i, splat<v16>(0.0f));
+        lseb[u] = kNegInf;
+        continue;
+      }
+      v16 qv[NV];
+      for (int i = 0; i < NV; ++i) qv[i] = load<v16>(qb + u * C + 16 * i);
+      v4 mx4 = splat<v4>(kNegInf);
+      for (int64_t j = 0; j < n; j += 4) {
+        const int64_t rem = n - j;
+        const float* k0 = kb + cu[j] * C;
+        const float* k1 = kb + cu[rem > 1 ? j + 1 : j] * C;
+        const float* k2 = kb + cu[rem > 2 ? j + 2 : j] * C;
+        const float* k3 = kb + cu[rem > 3 ? j + 3 : j] * C;
+        v16 a0 = qv[0] * load<v16>(k0), a1 = qv[0] * load<v16>(k1);
+        v16 a2 = qv[0] * load<v16>(k2), a3 = qv[0] * load<v16>(k3);
+        for (int i = 1; i < NV; ++i) {
+          a0 += qv[i] * load<v16>(k0 + 16 * i);
+          a1 += qv[i] * load<v16>(k1 + 16 * i);
+          a2 += qv[i] * load<v16>(k2 + 16 * i);
+          a3 += qv[i] * load<v16>(k3 + 16 * i);
+        }
+        v4 bias4;
+        if (rem >= 4) {
+          bias4 = load<v4>(bu + j);
+        } else {
+          bias4 = splat<v4>(kNegInf);
+          for (int64_t t = 0; t < rem; ++t) bias4[t] = bu[j + t];
+        }
+        const v4 sc = hsum4(a0, a1, a2, a3) * scale + bias4;
+        store(s + j, sc);
+        mx4 = sc > mx4 ? sc : mx4;
+      }
+      const int64_t n16 = (n + 15) & ~int64_t(15);
+      for (int64_t j = (n + 3) & ~int64_t(3); j < n16; ++j) s[j] = kNegInf;
+      const float mx = std::max(std::max(mx4[0], mx4[1]), std::max(mx4[2], mx4[3]));
+      v16 sum16 = splat<v16>(0.0f);
+      for (int64_t j = 0; j < n16; j += 16) {
+        const v16 e = vec::exp<v16, v16i>(load<v16>(s + j) - mx);
+        store(s + j, e);
+        sum16 += e;
+      }
+      const float sum = hsum(sum16);
+      v16 oa[NV], ob2[NV];
+      for (int i = 0; i < NV; ++i) oa[i] = ob2[i] = splat<v16>(0.0f);
+      int64_t j = 0;
+      for (; j + 2 <= n; j += 2) {
+        const float* v0 = vb + cu[j] * C;
+        const float* v1 = vb + cu[j + 1] * C;
+        const float p0 = s[j], p1 = s[j + 1];
+        for (int i = 0; i < NV; ++i) {
+          oa[i] += p0 * load<v16>(v0 + 16 * i);
+          ob2[i] += p1 * load<v16>(v1 + 16 * i);
+        }
+      }
+      if (j < n) {
+        const float* v0 = vb + cu[j] * C;
+        const float p0 = s[j];
+        for (int i = 0; i < NV; ++i) oa[i] += p0 * load<v16>(v0 + 16 * i);
+      }
+      const float inv = 1.0f / sum;
+      for (int i = 0; i < NV; ++i) store(ou + 16 * i, (oa[i] + ob2[i]) * inv);
+      lseb[u] = mx + std::log(sum);
+    }
+  }
+}
+
+template <int NV>
+M2_ALWAYS_INLINE void graph_bwd_fast_body(const GraphArgs<float>& a, int64_t bh0, int64_t bh1) {
+  using namespace vec;
+  constexpr int64_t C = 16 * NV;
+  const int64_t U = a.U, V = a.V, nnz = a.nnz;
+  const float scale = a.scale;
+  std::vector<float> pbuf(static_cast<size_t>(nnz) + 4), gbuf(static_cast<size_t>(nnz) + 4);
+  float* pe = pbuf.data();
+  float* ge = gbuf.data();  // scale * ds per edge
+  float* acc = a.dbias_acc ? a.dbias_acc + at::get_thread_num() * a.Bl * nnz : nullptr;
+  for (int64_t bh = bh0; bh < bh1; ++bh) {
+    const int64_t b = bh / a.H;
+    const float* qb = a.q + bh * U * C;
+    const float* kb = a.k + bh * V * C;
+    const float* vb = a.v + bh * V * C;
+    const float* ob = a.o + bh * U * C;
+    const float* gb = a.dout + bh * U * C;
+    const float* lseb = a.lse + bh * U;
+    const float* biasb = a.bias + (a.shared_bias ? 0 : b * nnz);
+    float* dqb = a.out + bh * U * C;
+    float* dkb = a.dk + bh * V * C;
+    float* dvb = a.dv + bh * V * C;
+    float* accb = acc ? acc + (a.shared_bias ? 0 : b * nnz) : nullptr;
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t e0 = a.row_ptr[u];
+      const int64_t n = a.row_ptr[u + 1] - e0;
+      const int64_t* cu = a.col + e0;
+      const float* bu = biasb + e0;
+      float* dqu = dqb + u * C;
+      if (n == 0) {
+        for (int i = 0; i < NV; ++i) store(dqu + 16 * i, splat<v16>(0.0f));
+        continue;
+      }
+      v16 qv[NV], gv[NV], dq[NV];
+      v16 dacc = splat<v16>(0.0f);
+      for (int i = 0; i < NV; ++i) {
+        qv[i] = load<v16>(qb + u * C + 16 * i);
+        gv[i] = load<v16>(gb + u * C + 16 * i);
+        dacc += gv[i] * load<v16>(ob + u * C + 16 * i);
+        dq[i] = splat<v16>(0.0f);
+      }
+      const float D = hsum(dacc);
+      const float lse = lseb[u];
+      for (int64_t j = 0; j < n; j += 4) {
+        const int64_t rem = n - j;
+        const int64_t c0 = cu[j], c1 = cu[rem > 1 ? j + 1 : j], c2 = cu[rem > 2 ? j + 2 : j],
+                      c3 = cu[rem > 3 ? j + 3 : j];
+        const float *k0 = kb + c0 * C, *k1 = kb + c1 * C, *k2 = kb + c2 * C, *k3 = kb + c3 * C;
+        const float *v0 = vb + c0 * C, *v1 = vb + c1 * C, *v2 = vb + c2 * C, *v3 = vb + c3 * C;
+        v16 s0 = qv[0] * load<v16>(k0), s1 = qv[0] * load<v16>(k1);
+        v16 s2 = qv[0] * load<v16>(k2), s3 = qv[0] * load<v16>(k3);
+        v16 d0 = gv[0] * load<v16>(v0), d1 = gv[0] * load<v16>(v1);
+        v16 d2 = gv[0] * load<v16>(v2), d3 = gv[0] * load<v16>(v3);
+        for (int i = 1; i < NV; ++i) {
+          s0 += qv[i] * load<v16>(k0 + 16 * i);
+          s1 += qv[i] * load<v16>(k1 + 16 * i);
+          s2 += qv[i] * load<v16>(k2 + 16 * i);
+          s3 += qv[i] * load<v16>(k3 + 16 * i);
+          d0 += gv[i] * load<v16>(v0 + 16 * i);
+          d1 += gv[i] * load<v16>(v1 + 16 * i);
+          d2 += gv[i] * load<v16>(v2 + 16 * i);
+          d3 += gv[i] * load<v16>(v3 + 16 * i);
+        }
+        v4 bias4;
+        if (rem >= 4) {
+          bias4 = load<v4>(bu + j);
+        } else {
+          bias4 = splat<v4>(kNegInf);
+          for (int64_t t = 0; t < rem; ++t) bias4[t] = bu[j + t];
+        }
+        const v4 p4 = vec::exp<v4, v4i>(hsum4(s0, s1, s2, s3) * scale + bias4 - lse);
+        const v4 ds4 = p4 * (hsum4(d0, d1, d2, d3) - D);
+        const v4 g4 = ds4 * scale;
+        if (rem >= 4) {
+          store(pe + e0 + j, p4);
+          store(ge + e0 + j, g4);
+          if (accb) store(accb + e0 + j, load<v4>(accb + e0 + j) + ds4);
+        } else {
+          for (int64_t t = 0; t < rem; ++t) {
+            pe[e0 + j + t] = p4[t];
+            ge[e0 + j + t] = g4[t];
+            if (accb) accb[e0 + j + t] += ds4[t];
+          }
+        }
+        // padded lanes have p = 0, so g = 0: they add nothing to dq
+        for (int i = 0; i < NV; ++i)
+          dq[i] += g4[0] * load<v16>(k0 + 16 * i) + g4[1] * load<v16>(k1 + 16 * i) +
+                   g4[2] * load<v16>(k2 + 16 * i) + g4[3] * load<v16>(k3 + 16 * i);
+      }
+      for (int i = 0; i < NV; ++i) store(dqu + 16 * i, dq[i]);
+    }
+    for (int64_t v = 0; v < V; ++v) {
+      v16 dk[NV], dv[NV];
+      for (int i = 0; i < NV; ++i) dk[i] = dv[i] = splat<v16>(0.0f);
+      for (int64_t t = a.col_ptr[v]; t < a.col_ptr[v + 1]; ++t) {
+        const int64_t u = a.csc_row[t], e = a.csc_edge[t];
+        const float g0 = ge[e], p0 = pe[e];
+        const float* qu = qb + u * C;
+        const float* gu = gb + u * C;
+        for (int i = 0; i < NV; ++i) {
+          dk[i] += g0 * load<v16>(qu + 16 * i);
+          dv[i] += p0 * load<v16>(gu + 16 * i);
+        }
+      }
+      for (int i = 0; i < NV; ++i) {
+        store(dkb + v * C + 16 * i, dk[i]);
+        store(dvb + v * C + 16 * i, dv[i]);
+      }
+    }
+  }
+}
+
+#define M2_GRAPH_FAST(NV)                                                                               \
+  M2_TARGET_AVX512 void graph_fwd_fast##NV##_avx512(const GraphArgs<float>& a, int64_t s, int64_t e) { \
+    graph_fwd_fast_body<NV>(a, s, e);                                                                   \
+  }                                                                                                     \
+  M2_TARGET_AVX2 void graph_fwd_fast##NV##_avx2(const GraphArgs<float>& a, int64_t s, int64_t e) {     \
+    graph_fwd_fast_body<NV>(a, s, e);                                                                   \
+  }                                                                                                     \
+  void graph_fwd_fast##NV##_base(const GraphArgs<float>& a, int64_t s, int64_t e) {                     \
+    graph_fwd_fast_body<NV>(a, s, e);                                                                   \
+  }                                                                                                     \
+  M2_TARGET_AVX512 void graph_bwd_fast##NV##_avx512(const GraphArgs<float>& a, int64_t s, int64_t e) { \
+    graph_bwd_fast_body<NV>(a, s, e);                                                                   \
+  }                                                                                                     \
+  M2_TARGET_AVX2 void graph_bwd_fast##NV##_avx2(const GraphArgs<float>& a, int64_t s, int64_t e) {     \
+    graph_bwd_fast_body<NV>(a, s, e);                                                                   \
+  }                                                                                                     \
+  void graph_bwd_fast##NV##_base(const GraphArgs<float>& a, int64_t s, int64_t e) {                     \
+    graph_bwd_fast_body<NV>(a, s, e);                                                                   \
+  }
+M2_GRAPH_FAST(1)
+M2_GRAPH_FAST(2)
+M2_GRAPH_FAST(4)
+M2_GRAPH_FAST(8)
+
+using GraphFn = void (*)(const GraphArgs<float>&, int64_t, int64_t);
+
+// The fast kernel for this head dim and CPU, or null (then the generic path runs).
+GraphFn graph_fast_kernel(int64_t C, bool backward) {
+#define M2_PICK(NV)                                                                                   \
+  case NV: {                                                                                          \
+    switch (active_isa()) {                                                                           \
+      case Isa::Avx512: return backward ? graph_bwd_fast##NV##_avx512 : graph_fwd_fast##NV##_avx512; \
+      case Isa::Avx2: return backward ? graph_bwd_fast##NV##_avx2 : graph_fwd_fast##NV##_avx2;       \
+      default: return backward ? graph_bwd_fast##NV##_base : graph_fwd_fast##NV##_base;              \
+    }                                                                                                 \
+  }
+  if (C % 16 != 0 || std::getenv("M2MKD_CPP_GENERIC")) return nullptr;
+  switch (C / 16) {
+    M2_PICK(1)
+    M2_PICK(2)
+    M2_PICK(4)
+    M2_PICK(8)
+    default: return nullptr;
+  }
+#undef M2_PICK
+}
 
 // ---------------------------------------------------------------------------------------------
 void check_graph_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& row_ptr,
@@ -289,6 +475,7 @@ GraphArgs<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.C = q.size(3);
   a.nnz = col.numel();
   a.shared_bias = bias.size(0) == 1;
+  a.Bl = bias.size(0);
   a.scale = static_cast<T>(scale);
   return a;
 }
@@ -304,7 +491,13 @@ std::tuple<at::Tensor, at::Tensor> graph_forward(const at::Tensor& q, const at::
     auto a = make_args<scalar_t>(q, k, v, row_ptr, col, bias, scale);
     a.out = out.data_ptr<scalar_t>();
     a.lse_out = lse.data_ptr<scalar_t>();
-    at::parallel_for(0, BH, 1, [&](int64_t s, int64_t e) { graph_fwd<scalar_t>(a, s, e); });
+    GraphFn fast = std::is_same_v<scalar_t, float> ? graph_fast_kernel(a.C, false) : nullptr;
+    at::parallel_for(0, BH, 1, [&](int64_t s, int64_t e) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (fast) return fast(reinterpret_cast<const GraphArgs<float>&>(a), s, e);
+      }
+      graph_fwd<scalar_t>(a, s, e);
+    });
   });
   return {out, lse};
 }
@@ -320,54 +513,144 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_backward(
   auto dq = at::empty_like(q);
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);
-  const int64_t B = q.size(0), H = q.size(1), BH = B * H, nnz = col.numel();
-  at::Tensor dbias_bh = bias_grad ? at::empty({B, H, nnz}, q.options()) : at::Tensor();
+  const int64_t B = q.size(0), H = q.size(1), BH = B * H, V = k.size(2), nnz = col.numel();
+  const int64_t Bl = bias.size(0);
+  // CSC view of the edges (counting sort by sender; receivers stay ascending in a column)
+  auto col_ptr = at::zeros({V + 1}, row_ptr.options());
+  auto csc_row = at::empty({nnz}, row_ptr.options());
+  auto csc_edge = at::empty({nnz}, row_ptr.options());
+  {
+    const int64_t* rp = row_ptr.data_ptr<int64_t>();
+    const int64_t* cc = col.data_ptr<int64_t>();
+    int64_t* cp = col_ptr.data_ptr<int64_t>();
+    int64_t* cr = csc_row.data_ptr<int64_t>();
+    int64_t* ce = csc_edge.data_ptr<int64_t>();
+    for (int64_t e = 0; e < nnz; ++e) {
+      TORCH_CHECK(cc[e] >= 0 && cc[e] < V, "graph_backward: col out of range");
+      cp[cc[e] + 1]++;
+    }
+    for (int64_t v = 0; v < V; ++v) cp[v + 1] += cp[v];
+    std::vector<int64_t> fill(cp, cp + V);
+    const int64_t U = q.size(2);
+    for (int64_t u = 0; u < U; ++u)
+      for (int64_t e = rp[u]; e < rp[u + 1]; ++e) {
+        const int64_t t = fill[cc[e]]++;
+        cr[t] = u;
+        ce[t] = e;
+      }
+  }
+  at::Tensor acc = bias_grad ? at::zeros({at::get_num_threads(), Bl, nnz}, q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "graph_backward", [&] {
     auto a = make_args<scalar_t>(q, k, v, row_ptr, col, bias, scale);
     a.o = out.data_ptr<scalar_t>();
     a.dout = g.data_ptr<scalar_t>();
     a.lse = lse.data_ptr<scalar_t>();
+    a.col_ptr = col_ptr.data_ptr<int64_t>();
+    a.csc_row = csc_row.data_ptr<int64_t>();
+    a.csc_edge = csc_edge.data_ptr<int64_t>();
     a.out = dq.data_ptr<scalar_t>();
     a.dk = dk.data_ptr<scalar_t>();
     a.dv = dv.data_ptr<scalar_t>();
-    a.dbias = bias_grad ? dbias_bh.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, BH, 1, [&](int64_t s, int64_t e) { graph_bwd<scalar_t>(a, s, e); });
+    a.dbias_acc = bias_grad ? acc.data_ptr<scalar_t>() : nullptr;
+    GraphFn fast = std::is_same_v<scalar_t, float> ? graph_fast_kernel(a.C, true) : nullptr;
+    at::parallel_for(0, BH, 1, [&](int64_t s, int64_t e) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (fast) return fast(reinterpret_cast<const GraphArgs<float>&>(a), s, e);
+      }
+      graph_bwd<scalar_t>(a, s, e);
+    });
   });
-  at::Tensor dbias;
-  if (bias_grad) {
-    dbias = bias.size(0) == 1 ? dbias_bh.sum(at::IntArrayRef{0, 1}).unsqueeze(0) : dbias_bh.sum(1);
-  } else {
-    dbias = at::zeros_like(bias);
-  }
+  at::Tensor dbias = bias_grad ? acc.sum(0) : at::zeros_like(bias);
   return {dq, dk, dv, dbias};
 }
 
 // ---------------------------------------------------------------------------------------------
 // relaxed-Bernoulli log-sample per (batch element, edge), DESIGN §2.4 / HELPERS "shared RNG".
 template <typename T>
+struct SampleArgs {
+  const T* logit_term;  // per edge: log p - log1p(-p), p = clamp(exp(logit), eps, 1 - eps)
+  const T* deriv_term;  // per edge: (clamp inactive) / (t (1 - p)), else 0
+  const int64_t* row;
+  const int64_t* col;
+  T* lb;
+  T* deriv;
+  int64_t U, V, nnz, chunks;
+  uint64_t seed;
+  T inv_t;
+};
+constexpr int64_t kSampleChunk = 256;
+
+// one task = a range of (b, chunk of edges); the Philox draws of a chunk are a vector loop
+template <typename T>
+M2_ALWAYS_INLINE void graph_sample_kernel_body(const SampleArgs<T>& a, int64_t t0, int64_t t1) {
+  const float feps = std::numeric_limits<float>::epsilon();
+  const uint64_t seed = a.seed;
+  float nbuf[kSampleChunk];
+  for (int64_t task = t0; task < t1; ++task) {
+    const int64_t b = task / a.chunks;
+    const int64_t j0 = (task % a.chunks) * kSampleChunk;
+    const int64_t cnt = std::min<int64_t>(kSampleChunk, a.nnz - j0);
+    const int64_t* row = a.row + j0;
+    const int64_t* col = a.col + j0;
+    const uint32_t base = static_cast<uint32_t>(b * a.U);
+    const uint32_t V = static_cast<uint32_t>(a.V);
+#pragma omp simd
+    for (int64_t t = 0; t < cnt; ++t) {
+      const uint32_t offset = (base + static_cast<uint32_t>(row[t])) * V + static_cast<uint32_t>(col[t]);
+      const float n = philox_rand(seed, offset);
+      nbuf[t] = n < feps ? feps : (n > 1.0f - feps ? 1.0f - feps : n);
+    }
+    const T* lt = a.logit_term + j0;
+    const T* dt = a.deriv_term + j0;
+    T* lb = a.lb + b * a.nnz + j0;
+    T* deriv = a.deriv + b * a.nnz + j0;
+    int64_t t = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      using namespace vec;
+      for (; t + 16 <= cnt; t += 16) {
+        const v16 n = load<v16>(nbuf + t);
+        const v16 z = (load<v16>(lt + t) + (vec::log<v16, v16i>(n) - vec::log1p<v16, v16i>(-n))) * a.inv_t;
+        const v16 az = z < 0.0f ? -z : z;
+        const v16 e = vec::exp<v16, v16i>(-az);
+        const v16 zero = splat<v16>(0.0f);
+        store(lb + t, (z < 0.0f ? z : zero) - vec::log1p<v16, v16i>(e));
+        const v16 inv1pe = 1.0f / (e + 1.0f);
+        store(deriv + t, (z >= 0.0f ? e * inv1pe : inv1pe) * load<v16>(dt + t));
+      }
+    }
+    for (; t < cnt; ++t) {
+      const T n = static_cast<T>(nbuf[t]);
+      const T z = (lt[t] + (std::log(n) - std::log1p(-n))) * a.inv_t;
+      const T e = std::exp(-std::abs(z));  // in (0, 1]
+      lb[t] = (z < T(0) ? z : T(0)) - std::log1p(e);
+      const T sig_neg = z >= T(0) ? e / (T(1) + e) : T(1) / (T(1) + e);  // sigmoid(-z)
+      deriv[t] = sig_neg * dt[t];
+    }
+  }
+}
+M2_MULTIVERSION(graph_sample_kernel, (const SampleArgs<scalar_t>& a, int64_t s, int64_t e), (a, s, e))
+
+// relaxed-Bernoulli log-sample per (batch element, edge), DESIGN §2.4 / HELPERS "shared RNG":
+// lb = logsigmoid((logit p + logit n) / t), deriv = d lb / d logit = sigmoid(-z) / (t (1 - p))
+// (p = exp(logit), zero where the clamp of p to [eps, 1 - eps] is active).
+template <typename T>
 void graph_sample_impl(const T* logit, const int64_t* row, const int64_t* col, int64_t B, int64_t U, int64_t V,
                        int64_t nnz, uint64_t seed, double temperature, T* lb, T* deriv) {
   const T eps = static_cast<T>(std::numeric_limits<float>::epsilon());
   const T one_m_eps = static_cast<T>(1.0f - std::numeric_limits<float>::epsilon());
-  const float feps = std::numeric_limits<float>::epsilon();
   const T inv_t = static_cast<T>(1.0 / temperature);
-  at::parallel_for(0, B * nnz, 4096, [&](int64_t s, int64_t e) {
-    for (int64_t i = s; i < e; ++i) {
-      const int64_t b = i / nnz, j = i % nnz;
-      const uint32_t offset = static_cast<uint32_t>((b * U + row[j]) * V + col[j]);
-      float nf = philox_rand(seed, offset);
-      nf = nf < feps ? feps : (nf > 1.0f - feps ? 1.0f - feps : nf);
-      const T n = static_cast<T>(nf);
+  std::vector<T> logit_term(static_cast<size_t>(nnz)), deriv_term(static_cast<size_t>(nnz));
+  at::parallel_for(0, nnz, 2048, [&](int64_t s, int64_t e) {
+    for (int64_t j = s; j < e; ++j) {
       const T praw = std::exp(logit[j]);
       const T p = praw < eps ? eps : (praw > one_m_eps ? one_m_eps : praw);
-      const T z = (std::log(p) - std::log1p(-p) + std::log(n) - std::log1p(-n)) * inv_t;
-      const T zmin = z < T(0) ? z : T(0);
-      lb[i] = zmin - std::log1p(std::exp(-std::abs(z)));
-      // d lb / d logit = sigmoid(-z) * (1/t) * (1/(p(1-p))) * p, zero where the clamp bites
-      const T sig_neg = T(1) / (T(1) + std::exp(z));
-      deriv[i] = (praw >= eps && praw <= one_m_eps) ? sig_neg * inv_t / (T(1) - p) : T(0);
+      logit_term[j] = std::log(p) - std::log1p(-p);
+      deriv_term[j] = (praw >= eps && praw <= one_m_eps) ? inv_t / (T(1) - p) : T(0);
     }
   });
+  SampleArgs<T> a{logit_term.data(), deriv_term.data(), row, col, lb, deriv, U, V, nnz,
+                  (nnz + kSampleChunk - 1) / kSampleChunk, seed, inv_t};
+  at::parallel_for(0, B * a.chunks, 4, [&](int64_t s, int64_t e) { graph_sample_kernel<T>(a, s, e); });
 }
 
 std::tuple<at::Tensor, at::Tensor> graph_sample(const at::Tensor& logit, const at::Tensor& row, const at::Tensor& col,

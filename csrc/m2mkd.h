@@ -81,6 +81,111 @@ M2_ALWAYS_INLINE float philox_rand(uint64_t seed, uint32_t offset) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Portable fixed-width float vectors (GCC vector extensions): 16 lanes lower to one zmm under
+// AVX-512, two ymm under AVX2, four xmm on the baseline; only used inside always-inline code.
+namespace vec {
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+template <typename V>
+M2_ALWAYS_INLINE V load(const float* p) {
+  V r;
+  __builtin_memcpy(&r, p, sizeof(V));
+  return r;
+}
+template <typename V>
+M2_ALWAYS_INLINE void store(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+template <typename V>
+M2_ALWAYS_INLINE V splat(float x) {
+  return V{} + x;
+}
+
+// horizontal sum of one vector
+M2_ALWAYS_INLINE float hsum(v16 a) {
+  v8 h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// the horizontal sums of four vectors, as one v4 {sum a, sum b, sum c, sum d}
+M2_ALWAYS_INLINE v4 hsum4(v16 a, v16 b, v16 c, v16 d) {
+  v8 a8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  v8 b8 = __builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15);
+  v8 c8 = __builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15);
+  v8 d8 = __builtin_shufflevector(d, d, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(d, d, 8, 9, 10, 11, 12, 13, 14, 15);
+  v8 ab = __builtin_shufflevector(a8, b8, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(a8, b8, 4, 5, 6, 7, 12, 13, 14, 15);
+  v8 cd = __builtin_shufflevector(c8, d8, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(c8, d8, 4, 5, 6, 7, 12, 13, 14, 15);
+  // lanes: a a c c b b d d
+  v8 x = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+  v4 y = __builtin_shufflevector(x, x, 0, 2, 4, 6) + __builtin_shufflevector(x, x, 1, 3, 5, 7);  // a c b d
+  return __builtin_shufflevector(y, y, 0, 2, 1, 3);
+}
+
+// exp(x) in float32 (Cephes expf polynomial, ~1 ulp); exactly 0 for x < -87 (incl. -inf).
+template <typename V, typename VI>
+M2_ALWAYS_INLINE V exp(V x) {
+  const auto tiny = x < -87.0f;
+  x = x > 88.0f ? splat<V>(88.0f) : x;
+  x = tiny ? splat<V>(0.0f) : x;
+  const V magic = splat<V>(12582912.0f);  // 1.5 * 2**23: adding it rounds to an integer
+  const V t = x * 1.44269504088896341f + magic;
+  const VI n = (VI)t - 0x4B400000;
+  const V fn = t - magic;
+  V r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  V y = splat<V>(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  V out = (V)((VI)y + (n << 23));
+  return tiny ? splat<V>(0.0f) : out;
+}
+
+// natural log in float32 for positive normal x (Cephes logf polynomial, ~1 ulp)
+template <typename V, typename VI>
+M2_ALWAYS_INLINE V log(V x) {
+  const VI bits = (VI)x;
+  VI e = ((bits >> 23) & 0xff) - 126;
+  V m = (V)((bits & 0x807fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+  const auto small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const V fe = __builtin_convertvector(e, V);
+  const V z = m * m;
+  V y = splat<V>(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += fe * -2.12194440e-4f;
+  y += z * -0.5f;
+  return m + y + fe * 0.693359375f;
+}
+
+// log1p(x) for x > -1 with 1 + x normal: log(u) - ((u - 1) - x) / u, u = 1 + x
+template <typename V, typename VI>
+M2_ALWAYS_INLINE V log1p(V x) {
+  const V u = x + 1.0f;
+  const V d = u - 1.0f;
+  const V l = log<V, VI>(u);
+  return d == 0.0f ? x : l - (d - x) / u;
+}
+}  // namespace vec
+
 // Raises a c10::Error with the op name and a message when cond is false.
 #define M2_CHECK(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)
 
