@@ -208,6 +208,19 @@ def test_vit_timm_api_and_grads():
     assert model(x).shape == (3, 96)
 
 
+@pytest.mark.parametrize("name", ["staged_vit_micro", "meta_vit_micro", "vmoe_micro", "vmoe_micro_all", "nac_micro"])
+def test_create_model_state_dict_round_trip(name):
+    a = timm.create_model(name, num_classes=5).eval()
+    b = timm.create_model(name, num_classes=5).eval()
+    b.load_state_dict(a.state_dict())
+    x = fmnist(3)
+    torch.manual_seed(2)
+    ya = a(x)
+    torch.manual_seed(2)
+    assert ya.shape == (3, 5) and torch.equal(b(x), ya)
+    assert a.pretrained_cfg["architecture"] == name and a.default_cfg["input_size"] == (1, 28, 28)
+
+
 @pytest.mark.parametrize("name", ["staged_vit_micro", "vmoe_micro", "nac_micro"])
 def test_grad_checkpointing_leaves_outputs_and_grads_unchanged(name):
     kwargs = dict(drop_path_rate=0.1) if name != "nac_micro" else {}
@@ -296,6 +309,11 @@ def test_vmoe_stages_compose_and_stage_aux_losses():
     torch.testing.assert_close(model.aux_loss, full_aux, rtol=0, atol=0)
     assert torch.equal(model(h2, 2), ref)
     assert model.stages[0].aux_loss.item() == model.blocks[1].mlp.aux_loss.item()
+    model.train()  # training: noisy routing, capacity drops; the same random stream either way
+    torch.manual_seed(9)
+    ref = model(x)
+    torch.manual_seed(9)
+    assert torch.equal(compose(model, x), ref)
     naive = timm.create_model("vmoe_micro_all")
     naive(x)
     assert naive.aux_loss.item() == 0.0 and naive.blocks[0].mlp.gate == "naive"

@@ -34,7 +34,6 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-from torch import nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn
