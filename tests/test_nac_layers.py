@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import m2mkd_fast as mk
 from m2mkd_fast.layers import KernelModulatedAttention, ReadInAttention
 from m2mkd_fast.reference.graph import graph_attention as ref_graph
 from m2mkd_fast.reference.modfc import modfc

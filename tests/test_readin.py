@@ -1,6 +1,5 @@
 """Read-in attention (DESIGN §2.3): oracle forms, the torch backend, and the op's checks."""
 
-import math
 
 import pytest
 import torch

@@ -74,6 +74,8 @@ def graph_bias(
         return bias.masked_fill(empty[:, None], 0.0), empty
 
     numel = receivers * senders
+    # what a missing edge holds: −∞, or 0 on a row without edges (its output is zeroed later)
+    filler = torch.where(empty[:, None], torch.zeros((), dtype=dtype, device=dist.device), neg_inf).expand(receivers, senders)
     batch_offsets = torch.arange(batch, dtype=torch.int64, device=dist.device)[:, None] * numel
     if _sparse_noise_ok(dist.device):
         index = kept.reshape(-1).nonzero().squeeze(1)  # [K] flat indices of kept edges
@@ -89,12 +91,11 @@ def graph_bias(
     z = (_logit(p) + logit_n) / temperature  # [B,K] or [B,U·V]
     sample = F.logsigmoid(z)
     if index is not None:
-        bias = torch.full((batch, numel), float("-inf"), dtype=dtype, device=dist.device)
-        bias = bias.index_put((torch.arange(batch, device=dist.device)[:, None], index[None, :]), sample)
+        bias = filler.reshape(1, numel).expand(batch, numel).clone()
+        bias.index_put_((torch.arange(batch, device=dist.device)[:, None], index[None, :]), sample)
     else:
-        bias = torch.where(kept.reshape(1, -1), sample, neg_inf)
-    bias = bias.view(batch, receivers, senders)
-    return bias.masked_fill(empty[None, :, None], 0.0), empty
+        bias = torch.where(kept.reshape(1, -1), sample, filler.reshape(1, -1))
+    return bias.view(batch, receivers, senders), empty
 
 
 def graph_attention(
