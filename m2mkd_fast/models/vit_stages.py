@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (VisionTransformer, build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg,
+                         register_model)
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from .stages import ModelStage, check_stage_range, collect_aux_loss, split_depth
@@ -196,8 +197,6 @@ def micro_cfg(**kwargs) -> Dict[str, Any]:
 
 def _timm_cfg(name: str, weights: bool) -> Dict[str, Any]:
     """timm's default pretrained cfg of ``name`` (its weights too when ``weights``)."""
-    from timm.models import get_pretrained_cfg
-
     cfg = get_pretrained_cfg(name).to_dict()
     for key in ("architecture", "tag"):
         cfg.pop(key, None)
@@ -217,11 +216,9 @@ def _cfgs() -> Dict[str, Any]:
             cfgs["staged_vit_micro"] = micro_cfg()
             cfgs["meta_vit_micro"] = micro_cfg()
             continue
-        timm_cfg = _timm_cfg(name, weights=True)
-        # the tag of timm's default weights, so `pretrained=True` pulls the same checkpoint
-        from timm.models import get_pretrained_cfg
+        # under timm's tag of its default weights, so `pretrained=True` pulls the same checkpoint
         tag = get_pretrained_cfg(name).tag
-        cfgs[f"staged_{name}.{tag}" if tag else f"staged_{name}"] = timm_cfg
+        cfgs[f"staged_{name}.{tag}" if tag else f"staged_{name}"] = _timm_cfg(name, weights=True)
         cfgs[f"meta_{name}"] = _timm_cfg(name, weights=False)
     return cfgs
 
