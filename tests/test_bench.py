@@ -11,7 +11,7 @@ from m2mkd_fast.bench import report, suite
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    results = suite.run("ops", quick=True, out=str(out))
+    results = suite.run("all", quick=True, out=str(out))
     return out, results
 
 
@@ -25,8 +25,12 @@ def test_quick_run_writes_report_plots_and_json(quick_run):
     ok = [r for r in data["records"] if r["status"] == "ok"]
     failed = [r for r in data["records"] if r["status"] != "ok"]
     assert not failed, failed[:3]
-    families = {r["family"] for r in ok}
+    families = {r["family"] for r in ok if r["section"] != "step"}
     assert families == {"route", "moe_mlp", "readin_attention", "graph_attention"}
+    steps = [r for r in ok if r["section"] == "step"]
+    assert {r["formulation"] for r in steps} == {"m2mkd_fast layers", "seed formulation"}
+    assert {r["family"].split()[0] for r in steps} == {"vmoe", "nac"}
+    assert "## One m2mKD pair training step" in text
     assert all(r["ms"] > 0 for r in ok)
 
 
