@@ -240,8 +240,9 @@ def test_grouped_path_logic_on_cpu(monkeypatch, bias):
         ps = [p.to(dt).requires_grad_() if p is not None else None for p in params]
         lg = logits.clone().requires_grad_()
         r = fast_route(lg, k, capacity_factor=0.7)
-        y = impl(xx, r, *ps, "gelu")
-        leaves = [xx, lg] + [p for p in ps if p is not None]
+        w1_storage = ps[0].detach().transpose(1, 2).contiguous().requires_grad_()  # column-major w1
+        y = impl(xx, r, w1_storage.transpose(1, 2), *ps[1:], "gelu")
+        leaves = [xx, lg, w1_storage] + [p for p in ps[1:] if p is not None]
         out.append((y, torch.autograd.grad(y, leaves, grad_y.to(dt))))
     assert (r.slot < 0).any()
     (y, g), (y_ref, g_ref), (y64, g64) = out

@@ -13,14 +13,15 @@ e = expert[t, j] (DESIGN §2.1). Two paths, chosen per call from the tensors:
 * **sliced** — everywhere else (CPU, fp32/fp16 on CUDA, older GPUs): the kept pairs sorted by
   expert, one ``addmm`` per expert over contiguous slices of the sorted buffer, written in place
   into one [M, h] and one [M, d] buffer (no padded E×C buffer, no per-expert gather of x, no
-  concatenation), GELU once over the whole hidden buffer, the routing weight once, a weighted
+  concatenation), the GELU per expert slice between the two GEMMs, the routing weight once, a weighted
   ``index_add_`` back to the tokens. The slice boundaries need the per-expert counts on the host:
   ONE host synchronisation per forward and one per backward (free on CPU; on CUDA it is the
   price of the fallback). It is wrapped as the custom ops ``m2mkd_fast_torch::moe_mlp_sorted``
   and ``..._backward`` (torch.library), whose output shapes depend only on the input shapes,
   so ``torch.compile(fullgraph=True)`` traces through it. The backward is hand-written: it
-  saves only the hidden pre-activation and the expert outputs and recomputes the GELU, which
-  saves one [M, h] activation (and the gathered inputs) compared with autograd.
+  saves only the hidden pre-activation and the expert outputs, recomputes the GELU and works
+  expert by expert, so besides the saved [M, h] buffer it holds only [n_e, h] temporaries
+  (autograd would save the activation too and hold full-size [M, h] gradients).
 
 Every expert parameter receives a gradient (zeros for an expert without tokens). The routing
 weights receive d y / d weight (zero for dropped pairs). With 16-bit x the combine
@@ -78,6 +79,16 @@ def use_grouped_mm(x: torch.Tensor, w1: torch.Tensor) -> bool:
     return _probe_grouped_mm(x.device, x.dtype)
 
 
+def _gmm_operand(w: torch.Tensor) -> torch.Tensor:
+    """w [E, K, N] as torch._grouped_mm accepts it: row- or column-major matrices with 16-byte
+    aligned leading strides (a transposed parameter passes without a copy)."""
+    align = 16 // w.element_size()
+    s = w.stride()
+    row_major = s[2] == 1 and s[1] >= max(1, w.shape[2]) and s[1] % align == 0
+    col_major = s[1] == 1 and s[2] >= max(1, w.shape[1]) and s[2] % align == 0
+    return w if row_major or col_major else w.contiguous()
+
+
 def _moe_mlp_grouped(x, r, w1, b1, w2, b2, approximate):
     T, d = x.shape
     E = w1.shape[0]
@@ -89,11 +100,11 @@ def _moe_mlp_grouped(x, r, w1, b1, w2, b2, approximate):
     counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert, torch.ones_like(expert))
     offs = counts.cumsum(0).to(torch.int32)
     xs = x.index_select(0, order // k)
-    h = torch._grouped_mm(xs, w1.contiguous(), offs=offs)
+    h = torch._grouped_mm(xs, _gmm_operand(w1), offs=offs)
     one_hot = F.one_hot(sorted_expert, E).to(x.dtype) if (b1 is not None or b2 is not None) else None
     if b1 is not None:
         h = h + one_hot @ b1
-    out = torch._grouped_mm(F.gelu(h, approximate=approximate), w2.contiguous(), offs=offs)
+    out = torch._grouped_mm(F.gelu(h, approximate=approximate), _gmm_operand(w2), offs=offs)
     if b2 is not None:
         out = out + one_hot @ b2
     acc = _accumulation_dtype(x.dtype)
@@ -153,12 +164,11 @@ def _moe_mlp_sorted(
             torch.mm(xs[sl], w1[e], out=hidden[sl])
         else:
             torch.addmm(b1[e], xs[sl], w1[e], out=hidden[sl])
-    act = F.gelu(hidden[:kept], approximate=approximate)
-    for e, sl in _segments(sizes[:E]):
+        act = F.gelu(hidden[sl], approximate=approximate)  # per expert: a transient, cache-warm
         if b2 is None:
-            torch.mm(act[sl], w2[e], out=out[sl])
+            torch.mm(act, w2[e], out=out[sl])
         else:
-            torch.addmm(b2[e], act[sl], w2[e], out=out[sl])
+            torch.addmm(b2[e], act, w2[e], out=out[sl])
     pair_weight = weight.reshape(-1).index_select(0, order)
     y = weight.new_zeros(T, d).index_add_(0, token, out[:kept].to(weight.dtype) * pair_weight[:, None])
     return y.to(x.dtype), hidden, out
@@ -200,27 +210,26 @@ def _moe_mlp_sorted_backward(
     grad_weight = weight.new_zeros(N).index_copy_(0, order, (gys_acc * out.to(weight.dtype)).sum(1)).reshape(T, k)
     grad_out = (gys_acc * weight.reshape(-1).index_select(0, order)[:, None]).to(x.dtype)
     del gys, gys_acc
-    hidden = hidden[:kept]
-    act = F.gelu(hidden, approximate=approximate)
     grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
     grad_b1 = x.new_zeros(E, h) if need_bias_grads else x.new_zeros(0)
     grad_b2 = x.new_zeros(E, d) if need_bias_grads else x.new_zeros(0)
-    grad_act = x.new_empty(kept, h)
-    for e, sl in _segments(sizes[:E]):
-        torch.mm(act[sl].t(), grad_out[sl], out=grad_w2[e])
-        torch.mm(grad_out[sl], w2[e].t(), out=grad_act[sl])
-        if need_bias_grads:
-            torch.sum(grad_out[sl], 0, out=grad_b2[e])
-    del act
-    grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden, approximate=approximate)
-    del grad_act
     xs = x.index_select(0, token)
     grad_xs = x.new_empty(kept, d)
     for e, sl in _segments(sizes[:E]):
-        torch.mm(xs[sl].t(), grad_hidden[sl], out=grad_w1[e])
-        torch.mm(grad_hidden[sl], w1[e].t(), out=grad_xs[sl])
+        # Per expert, so the [n_e, h] temporaries stay small (and in cache): recompute the GELU,
+        # then fc2's and fc1's gradients.
+        hidden_e = hidden[sl]
+        act = F.gelu(hidden_e, approximate=approximate)
+        torch.mm(act.t(), grad_out[sl], out=grad_w2[e])
+        del act
+        grad_act = torch.mm(grad_out[sl], w2[e].t())
+        grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden_e, approximate=approximate)
+        del grad_act
+        torch.mm(xs[sl].t(), grad_hidden, out=grad_w1[e])
+        torch.mm(grad_hidden, w1[e].t(), out=grad_xs[sl])
         if need_bias_grads:
-            torch.sum(grad_hidden[sl], 0, out=grad_b1[e])
+            torch.sum(grad_out[sl], 0, out=grad_b2[e])
+            torch.sum(grad_hidden, 0, out=grad_b1[e])
     grad_x = x.new_zeros(T, d).index_add_(0, token, grad_xs)
     return grad_x, grad_weight, grad_w1, grad_b1, grad_w2, grad_b2
 
@@ -242,12 +251,18 @@ def _(grad_y, x, expert, slot, weight, w1, w2, hidden, out, approximate, need_bi
 def _setup_context(ctx, inputs, output):
     x, expert, slot, weight, w1, b1, w2, b2, approximate = inputs
     _, hidden, out = output
+    # The two buffers are outputs only so that they can be saved: no gradient flows into them,
+    # and autograd must not materialise zero gradients of their size.
+    ctx.mark_non_differentiable(hidden, out)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, expert, slot, weight, w1, w2, hidden, out)
     ctx.approximate = approximate
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
 
 
 def _backward(ctx, grad_y, _grad_hidden, _grad_out):
+    if grad_y is None:
+        return (None,) * 9
     x, expert, slot, weight, w1, w2, hidden, out = ctx.saved_tensors
     need_bias = (ctx.has_b1 and ctx.needs_input_grad[5]) or (ctx.has_b2 and ctx.needs_input_grad[7])
     gx, gw, gw1, gb1, gw2, gb2 = _moe_mlp_sorted_backward(
