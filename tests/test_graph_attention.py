@@ -152,6 +152,47 @@ def test_torch_backend_matches_oracle_forward_and_all_grads(shape, mode, dtype):
         assert_close_to_reference(a, r64, r, atol=_grad_atol(r64, dtype), name=f"d{NAMES[i]} ({mode})")
 
 
+@pytest.mark.parametrize("mode", ["no_sample", "sample", "dense"])
+def test_kernel_without_gradient_takes_the_fused_path(mode):
+    """σ and β frozen: the bias needs no gradient and the backend hands it to SDPA as a mask."""
+    kwargs = MODES[mode]
+    base = _inputs(2, 3, 59, 111, 8, seed=5)
+    leaves64 = _leaves(base[:3], torch.float64) + base[3:]
+    leaves = _leaves(base[:3], torch.float32) + [t.float() for t in base[3:]]
+    leaves_ref = _leaves(base[:3], torch.float32) + [t.float() for t in base[3:]]
+    out64, out, out_ref = ref_graph(*leaves64, **kwargs), torch_graph(*leaves, **kwargs), ref_graph(*leaves_ref, **kwargs)
+    assert_close_to_reference(out, out64, out_ref, name="o")
+    grad = torch.randn_like(out64)
+    for a, r64, r, name in zip(
+        torch.autograd.grad(out, leaves[:3], grad.float()),
+        torch.autograd.grad(out64, leaves64[:3], grad),
+        torch.autograd.grad(out_ref, leaves_ref[:3], grad.float()),
+        NAMES,
+    ):
+        assert_close_to_reference(a, r64, r, atol=_grad_atol(r64, torch.float32), name=f"d{name}")
+
+
+def test_long_sender_runs_without_edges():
+    """Whole key blocks of −∞ (a fused kernel's tiles) before or after a row's only edges."""
+    senders, c = 1100, 4
+    sig_s = torch.randn(senders, 8, dtype=torch.float64)
+    sig_r = torch.randn(4, 8, dtype=torch.float64)
+    sig_r[0], sig_r[1], sig_r[2] = sig_s[-1], sig_s[0], sig_s[530]  # a single edge at the end, start, middle
+    q = torch.randn(2, 2, 4, c, dtype=torch.float64)
+    k = torch.randn(2, 2, senders, c, dtype=torch.float64)
+    v = torch.randn(2, 2, senders, c, dtype=torch.float64)
+    beta = torch.tensor(1.0, dtype=torch.float64)
+    for kwargs in (dict(truncation=1e-6), dict(truncation=1e-6, threshold=True), dict(truncation=1e-6, temperature=0.5, seed=1)):
+        for dtype in (torch.float32, torch.float64):
+            args = [t.to(dtype) for t in (q, k, v, sig_r, sig_s, beta)]
+            out = torch_graph(*args, **kwargs)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out[:, :, 0], v[:, :, -1].to(dtype))
+            torch.testing.assert_close(out[:, :, 1], v[:, :, 0].to(dtype))
+            torch.testing.assert_close(out[:, :, 2], v[:, :, 530].to(dtype))
+            assert torch.count_nonzero(out[:, :, 3]) == 0
+
+
 def test_dense_noise_path_equals_the_kept_edge_path(monkeypatch):
     base = _inputs(2, 2, 9, 13, 4)
     kwargs = dict(temperature=0.5, seed=77)
