@@ -1,0 +1,198 @@
+"""The m2mKD pipeline end to end: the quick reproduction through the CLI, phase caching and
+errors, bad configs, exact resumption after a SIGKILL, and DDP on 2 CPU processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2mkd_fast.cli import main
+from m2mkd_fast.distill.checkpoint import load_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`m2mkd-fast reproduce --quick` once for the whole module (about a minute)."""
+    root = tmp_path_factory.mktemp("quick")
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["reproduce", "--quick", "--run-dir", str(root), "--no-progress", "--threads", "1",
+                   "--report-dir", str(root / "report")])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    return root
+
+
+def test_quick_reproduce_writes_report_and_every_phase_output(quick_run):
+    root = quick_run
+    report = (root / "REPORT.md").read_text()
+    for needle in ("| NAC | from scratch |", "| NAC | m2mKD + fine-tune |", "| V-MoE | from scratch |",
+                   "| V-MoE | m2mKD + fine-tune |", "**difference**", "figures/curves.png"):
+        assert needle in report
+    for name in ("REPORT.md", "results.json", "config.yaml", "figures/curves.png", "figures/comparison.png"):
+        assert (root / "report" / name).is_file(), name
+    for d in ("meta", "teacher", "seed0/nac/finetune", "seed0/vmoe/scratch", "seed0/nac/distill/module_3"):
+        assert (root / d / "model.safetensors").is_file(), d
+        recs = [json.loads(line) for line in (root / d / "metrics.jsonl").read_text().splitlines()]
+        assert any(r["kind"] == "epoch" for r in recs) and any(r["kind"] == "train" for r in recs)
+        assert not (root / d / "last.safetensors").exists()  # removed once done
+    assert len(list((root / "teacher_modules").glob("module_*.safetensors"))) == 4
+    for kind in ("nac", "vmoe"):
+        for which in ("finetune", "scratch"):
+            ev = json.loads((root / f"seed0/{kind}/eval_{which}.json").read_text())
+            assert 0.0 <= ev["iid"] <= 1.0 and 0.0 <= ev["ood"] <= 1.0
+            assert set(ev["fewshot"]) == {"5w1s", "5w5s"} and len(ev["ood_per_corruption"]) == 7
+    res = json.loads((root / "results.json").read_text())
+    assert res["results"]["students"]["nac"]["0"]["pairs"]["1"]["teacher_pair_acc"] > 0
+
+
+def test_assembly_puts_the_distilled_weights_in_place(quick_run):
+    root = quick_run
+    asm, _ = load_weights(root / "seed0/nac/assembled.safetensors")
+    med, _ = load_weights(root / "seed0/nac/distill/module_2/model.safetensors")
+    rin, _ = load_weights(root / "seed0/nac/distill/module_0/model.safetensors")
+    # mediator student 2 is NAC propagator 1; read-in student holds the tokenizer
+    k = "propagator.attn.q.weight"
+    assert torch.equal(asm["propagators.1.attn.q.weight"], med[k])
+    assert torch.equal(asm["tokenizer.stem.0.weight"], rin["tokenizer.stem.0.weight"])
+    assert not torch.equal(asm["propagators.0.attn.q.weight"], med[k])
+    vasm, _ = load_weights(root / "seed0/vmoe/assembled.safetensors")
+    v1, _ = load_weights(root / "seed0/vmoe/distill/module_1/model.safetensors")
+    import timm
+
+    m = timm.create_model("vmoe_micro", num_stages=4, num_classes=10)
+    m.load_state_dict(vasm)
+    stage = m.stages[1].state_dict()  # stage-local names (blocks.0 = the model's blocks.2)
+    assert any("mlp.w1" in k for k in stage)
+    for k, v in stage.items():
+        assert torch.equal(v, v1["module." + k]), k
+
+
+def test_done_phases_are_skipped_and_errors_are_clear(quick_run, tmp_path, capsys):
+    root = str(quick_run)
+    assert main(["finetune", "--config", "quick", "--run-dir", root, "--student", "nac", "--no-progress"]) == 0
+    assert "done already" in capsys.readouterr().err
+    assert main(["evaluate", "--config", "quick", "--run-dir", root, "--student", "vmoe", "--which", "assembled"]) == 0
+    assert (quick_run / "seed0/vmoe/eval_assembled.json").is_file()
+    empty = str(tmp_path / "empty")
+    assert main(["finetune", "--config", "quick", "--run-dir", empty, "--student", "nac"]) == 1
+    assert "no assembled student" in capsys.readouterr().err
+    assert main(["distill", "--config", "quick", "--run-dir", empty, "--student", "nac"]) == 1
+    assert "pretrain-meta" in capsys.readouterr().err
+    assert main(["distill", "--config", "quick", "--run-dir", root, "--student", "nac", "--module", "7"]) == 1
+    assert "--module must be in [0, 3]" in capsys.readouterr().err
+    assert main(["pretrain-meta", "--config", "quick", "--run-dir", empty, "--resume"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--set", "meta.train.lrr=1"], "did you mean 'meta.train.lr'"),
+    (["--set", "distill.alpha=2"], "distill.alpha"),
+    (["--set", "meta.train.batch_size=big"], "must be int"),
+    (["--set", "reproduce.students=[nac,resnet]"], "reproduce.students"),
+    (["--set", "meta.train.warmup_epochs=9"], "warmup_epochs"),
+    (["--config", "no_such_preset"], "no config"),
+    (["--set", "novalue"], "key=value"),
+])
+def test_bad_configs_are_rejected(args, msg, capsys):
+    assert main(["show-config"] + args) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_bad_yaml_file_and_help(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: default\nstudents:\n  nac:\n    finetune:\n      epoch: 3\n")
+    assert main(["show-config", "--config", str(bad)]) == 2
+    assert "students.nac.finetune.epoch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    out = capsys.readouterr().out
+    assert "--module" in out and "--resume" in out and "--set" in out
+
+
+def _cli(args, env=None, timeout=600):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "m2mkd_fast"] + args, cwd=REPO, env=e, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+RESUME_SET = ["meta.train.epochs=2", "meta.train.train_limit=128", "meta.train.batch_size=32", "meta.train.ckpt_every=1",
+              "augment.mixup=0.8", "augment.cutmix=1.0", "augment.erase_prob=0.25", "data.test_limit=64",
+              "meta.kwargs={num_stages: 4, drop_path_rate: 0.1}"]
+
+
+def _sets(items):
+    return [x for s in items for x in ("--set", s)]
+
+
+def test_resume_after_kill_reaches_the_same_weights(tmp_path, capsys):
+    killed = tmp_path / "killed"
+    args = ["pretrain-meta", "--config", "quick", "--no-progress", "--threads", "1"] + _sets(RESUME_SET)
+    # 2 epochs x 4 steps; SIGKILL right after the checkpoint of step 6 (mid-way through epoch 2)
+    r = _cli(args + ["--run-dir", str(killed)], env={"M2MKD_DIE_AFTER_STEP": "6"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert (killed / "meta" / "last.safetensors").exists() and not (killed / "meta" / "model.safetensors").exists()
+    # a resume with another config is refused, naming the key
+    threads = torch.get_num_threads()
+    try:
+        assert main(args + ["--run-dir", str(killed), "--resume", "--set", "meta.train.lr=0.1"]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert "meta.train.lr" in capsys.readouterr().err
+    r = _cli(args + ["--run-dir", str(killed), "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the same run uninterrupted, in this process
+    try:
+        assert main(args + ["--run-dir", str(tmp_path / "straight")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a, _ = load_weights(killed / "meta" / "model.safetensors")
+    b, _ = load_weights(tmp_path / "straight" / "meta" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    recs = [json.loads(x) for x in (killed / "meta" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "resume" and r["epoch"] == 1 and r["step_in_epoch"] == 2 for r in recs)
+
+
+DDP_SET = ["meta.train.epochs=1", "meta.train.train_limit=128", "meta.train.batch_size=32", "augment.padding=0",
+           "augment.flip=false", "data.test_limit=64"]
+
+
+def _torchrun(args, timeout=600):
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           "-m", "m2mkd_fast"] + args, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ddp_two_cpu_processes_match_one(tmp_path, quick_run):
+    args = ["pretrain-meta", "--config", "quick", "--no-progress"] + _sets(DDP_SET)
+    r = _torchrun(args + ["--run-dir", str(tmp_path / "ddp")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    threads = torch.get_num_threads()
+    try:
+        assert main(args + ["--run-dir", str(tmp_path / "single"), "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a, _ = load_weights(tmp_path / "ddp" / "meta" / "model.safetensors")
+    b, _ = load_weights(tmp_path / "single" / "meta" / "model.safetensors")
+    for k in a:  # same global batch, gradients averaged over the 2 processes = one process
+        x, y = a[k], b[k]
+        if k.endswith("qkv.bias"):
+            # the key bias has a zero gradient (softmax is shift-invariant): Adam turns its rounding
+            # noise into ±lr steps, different in each run. Compare the query and value biases.
+            d = x.numel() // 3
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=k)
+    # a module pair (NAC mediator: frozen meta/teacher, no-kernel β) and V-MoE fine-tuning under DDP
+    r = _torchrun(["distill", "--config", "quick", "--run-dir", str(quick_run), "--student", "nac", "--module", "1",
+                   "--force", "--no-progress"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((quick_run / "seed0/nac/distill/module_1/done.json").read_text())["test_acc"] is not None
