@@ -141,13 +141,15 @@ def _moe_mlp_sorted(
     w2: torch.Tensor,
     b2: Optional[torch.Tensor],
     approximate: str,
+    save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of the sliced path: (y [T, d], hidden pre-activation [T·k, h], expert out [T·k, d]).
 
     ``weight`` [T, k] may be wider than x (float32 for 16-bit x): the combine runs in its dtype.
-
     Rows of the two buffers are the kept pairs sorted by expert; rows past the kept ones are
-    unused (sized T·k so that the shapes do not depend on the data).
+    unused (sized T·k so that the shapes do not depend on the data). With ``save=False`` (no
+    gradient needed) the buffers are not kept: each expert works in [n_e, ·] temporaries and
+    the two returned buffers are empty.
     """
     T, d = x.shape
     E, _, h = w1.shape
@@ -157,26 +159,32 @@ def _moe_mlp_sorted(
     order = order[:kept]
     token = order // expert.shape[1]
     xs = x.index_select(0, token)
-    hidden = x.new_empty(N, h)
-    out = x.new_empty(N, d)
-    for e, sl in _segments(sizes[:E]):
-        if b1 is None:
-            torch.mm(xs[sl], w1[e], out=hidden[sl])
-        else:
-            torch.addmm(b1[e], xs[sl], w1[e], out=hidden[sl])
-        act = F.gelu(hidden[sl], approximate=approximate)  # per expert: a transient, cache-warm
-        if b2 is None:
-            torch.mm(act, w2[e], out=out[sl])
-        else:
-            torch.addmm(b2[e], act, w2[e], out=out[sl])
     pair_weight = weight.reshape(-1).index_select(0, order)
-    y = weight.new_zeros(T, d).index_add_(0, token, out[:kept].to(weight.dtype) * pair_weight[:, None])
+    hidden = x.new_empty(N if save else 0, h)
+    out = x.new_empty(N if save else 0, d)
+    y = weight.new_zeros(T, d)
+    for e, sl in _segments(sizes[:E]):
+        hidden_e = hidden[sl] if save else x.new_empty(sl.stop - sl.start, h)
+        out_e = out[sl] if save else x.new_empty(sl.stop - sl.start, d)
+        if b1 is None:
+            torch.mm(xs[sl], w1[e], out=hidden_e)
+        else:
+            torch.addmm(b1[e], xs[sl], w1[e], out=hidden_e)
+        act = F.gelu(hidden_e, approximate=approximate)  # per expert: a transient, cache-warm
+        if b2 is None:
+            torch.mm(act, w2[e], out=out_e)
+        else:
+            torch.addmm(b2[e], act, w2[e], out=out_e)
+        if not save:
+            y.index_add_(0, token[sl], out_e.to(weight.dtype) * pair_weight[sl, None])
+    if save:
+        y.index_add_(0, token, out[:kept].to(weight.dtype) * pair_weight[:, None])
     return y.to(x.dtype), hidden, out
 
 
 @_moe_mlp_sorted.register_fake
-def _(x, expert, slot, weight, w1, b1, w2, b2, approximate):
-    N = expert.numel()
+def _(x, expert, slot, weight, w1, b1, w2, b2, approximate, save):
+    N = expert.numel() if save else 0
     return x.new_empty(x.shape), x.new_empty(N, w1.shape[2]), x.new_empty(N, x.shape[1])
 
 
@@ -249,7 +257,9 @@ def _(grad_y, x, expert, slot, weight, w1, w2, hidden, out, approximate, need_bi
 
 
 def _setup_context(ctx, inputs, output):
-    x, expert, slot, weight, w1, b1, w2, b2, approximate = inputs
+    x, expert, slot, weight, w1, b1, w2, b2, approximate, save = inputs
+    if not save:
+        raise RuntimeError("moe_mlp_sorted was called with save=False on inputs that need gradients")
     _, hidden, out = output
     # The two buffers are outputs only so that they can be saved: no gradient flows into them,
     # and autograd must not materialise zero gradients of their size.
@@ -262,7 +272,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_hidden, _grad_out):
     if grad_y is None:
-        return (None,) * 9
+        return (None,) * 10
     x, expert, slot, weight, w1, w2, hidden, out = ctx.saved_tensors
     need_bias = (ctx.has_b1 and ctx.needs_input_grad[5]) or (ctx.has_b2 and ctx.needs_input_grad[7])
     gx, gw, gw1, gb1, gw2, gb2 = _moe_mlp_sorted_backward(
@@ -277,6 +287,7 @@ def _backward(ctx, grad_y, _grad_hidden, _grad_out):
         gb1 if ctx.has_b1 and need_bias else None,
         gw2,
         gb2 if ctx.has_b2 and need_bias else None,
+        None,
         None,
     )
 
@@ -299,5 +310,8 @@ def moe_mlp(
     if use_grouped_mm(x, w1):
         return _moe_mlp_grouped(x, r, w1, b1, w2, b2, approximate)
     weight = r.weight.to(_accumulation_dtype(x.dtype))
-    y, _, _ = _moe_mlp_sorted(x, r.expert, r.slot, weight, w1, b1, w2, b2, approximate)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, w1, b1, w2, b2)
+    )
+    y, _, _ = _moe_mlp_sorted(x, r.expert, r.slot, weight, w1, b1, w2, b2, approximate, save)
     return y
