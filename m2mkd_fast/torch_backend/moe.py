@@ -13,15 +13,19 @@ e = expert[t, j] (DESIGN §2.1). Two paths, chosen per call from the tensors:
 * **sliced** — everywhere else (CPU, fp32/fp16 on CUDA, older GPUs): the kept pairs sorted by
   expert, one ``addmm`` per expert over contiguous slices of the sorted buffer, written in place
   into one [M, h] and one [M, d] buffer (no padded E×C buffer, no per-expert gather of x, no
-  concatenation), the GELU per expert slice between the two GEMMs, the routing weight once, a weighted
-  ``index_add_`` back to the tokens. The slice boundaries need the per-expert counts on the host:
-  ONE host synchronisation per forward and one per backward (free on CPU; on CUDA it is the
-  price of the fallback). It is wrapped as the custom ops ``m2mkd_fast_torch::moe_mlp_sorted``
-  and ``..._backward`` (torch.library), whose output shapes depend only on the input shapes,
-  so ``torch.compile(fullgraph=True)`` traces through it. The backward is hand-written: it
-  saves only the hidden pre-activation and the expert outputs, recomputes the GELU and works
-  expert by expert, so besides the saved [M, h] buffer it holds only [n_e, h] temporaries
-  (autograd would save the activation too and hold full-size [M, h] gradients).
+  concatenation), the GELU per expert slice between the two GEMMs, the routing weight once, a
+  weighted ``index_add_`` back to the tokens. The slice boundaries need the per-expert counts on
+  the host: ONE host synchronisation per forward and one per backward (free on CPU; on CUDA it
+  is the price of the fallback). It is wrapped as the custom ops
+  ``m2mkd_fast_torch::moe_mlp_sorted`` and ``..._backward`` (torch.library), whose output shapes
+  depend only on the input shapes, so ``torch.compile(fullgraph=True)`` traces through it. The
+  backward is hand-written: it saves only the hidden pre-activation and the expert outputs,
+  recomputes the GELU and works expert by expert, so besides the saved [M, h] buffer it holds
+  only [n_e, h] temporaries (autograd would save the activation too and hold full-size [M, h]
+  gradients). Without gradients nothing of size [M, h] is kept at all. Measured on this
+  project's 2-core CPU (T=3200, d=192, h=768, E=8, k=2, fp32, fwd+bwd, routing included, one
+  thread, CPU time): 0.99-1.04x the dense MLP of equal FLOPs, peak RSS growth 58 MiB against
+  the dense MLP's 62 MiB and the per-expert loop's 65 MiB.
 
 Every expert parameter receives a gradient (zeros for an expert without tokens). The routing
 weights receive d y / d weight (zero for dropped pairs). With 16-bit x the combine
