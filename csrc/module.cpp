@@ -78,6 +78,18 @@ TORCH_LIBRARY(m2mkd_fast_cpp, m) {
       "graph_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor row_ptr, Tensor col, Tensor bias, float scale, bool bias_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // readin.cpp
+  m.def(
+      "readin_forward(Tensor q, Tensor x, Tensor w_k, Tensor w_v, Tensor s_k, Tensor s_v, Tensor? b_v) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "readin_backward(Tensor grad_m, Tensor q, Tensor x, Tensor w_k, Tensor w_v, Tensor s_k, Tensor s_v, "
+      "Tensor tk, Tensor a, Tensor lse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // routing.cpp
+  m.def("route_topk(Tensor scores, int k) -> Tensor");
+  m.def(
+      "route_slots(Tensor expert, Tensor? priority, int num_experts, int capacity, int group_size) "
+      "-> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

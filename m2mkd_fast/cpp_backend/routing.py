@@ -1,0 +1,76 @@
+"""route on the C++ extension (DESIGN §2.1).
+
+The scores are computed with the oracle's own ATen ops (softmax over all E in the logits' dtype
+for gate "vmoe", the logits themselves for "naive"), so the C++ selection compares exactly the
+values the oracle compares: torch.ops.m2mkd_fast_cpp.route_topk picks the k largest per row
+(largest first, ties to the lower expert index), route_slots fills the per-group expert
+buffers k-major in token (or BPR) order and counts the kept pairs. The weights are plain
+autograd ops on [T, k] (a gather for "vmoe", a softmax over the k chosen logits for "naive"),
+differentiable w.r.t. the logits. Every dtype torch.softmax accepts works.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import _C  # noqa: F401  (registers torch.ops.m2mkd_fast_cpp)
+from ..routing_result import Routing
+
+__all__ = ["route", "expert_capacity"]
+
+_ops = torch.ops.m2mkd_fast_cpp
+
+
+@torch.library.register_fake("m2mkd_fast_cpp::route_topk")
+def _route_topk_fake(scores, k):
+    return scores.new_empty(scores.shape[0], k, dtype=torch.long)
+
+
+@torch.library.register_fake("m2mkd_fast_cpp::route_slots")
+def _route_slots_fake(expert, priority, num_experts, capacity, group_size):
+    return torch.empty_like(expert), expert.new_empty(num_experts)
+
+
+def expert_capacity(group_size: int, k: int, capacity_factor: Optional[float], num_experts: int) -> Optional[int]:
+    """ceil((S·k)·cf/E) on Python floats, rounded up to a multiple of 4; None when dropless."""
+    if capacity_factor is None:
+        return None
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+    if group_size == 0:
+        return 0
+    capacity = math.ceil((group_size * k) * capacity_factor / num_experts)
+    if capacity < 1:
+        raise ValueError(
+            f"expert capacity {capacity} < 1 (group_size={group_size}, k={k}, "
+            f"capacity_factor={capacity_factor}, num_experts={num_experts})"
+        )
+    return ((capacity + 3) // 4) * 4
+
+
+def route(
+    logits: torch.Tensor,
+    k: int,
+    gate: str = "vmoe",
+    capacity_factor: Optional[float] = None,
+    batch_priority: bool = False,
+    group_size: Optional[int] = None,
+) -> Routing:
+    """logits [T, E] -> Routing(expert, weight, slot, counts, capacity); see m2mkd_fast.ops.route."""
+    if gate not in ("vmoe", "naive"):
+        raise ValueError(f"gate must be one of ('vmoe', 'naive'), got {gate!r}")
+    num_tokens, num_experts = logits.shape
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k={k} must satisfy 1 <= k <= num_experts={num_experts}")
+    S = num_tokens if group_size is None else group_size
+    if S < 0 or (S > 0 and num_tokens % S) or (group_size is not None and group_size < 1):
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the number of tokens T={num_tokens}")
+    capacity = expert_capacity(S, k, capacity_factor, num_experts)
+    scores = torch.softmax(logits, dim=-1) if gate == "vmoe" else logits
+    expert = _ops.route_topk(scores.detach(), k)
+    picked = scores.gather(1, expert)
+    weight = picked if gate == "vmoe" else torch.softmax(picked, dim=-1)
+    priority = weight[:, 0].detach() if batch_priority else None
+    slot, counts = _ops.route_slots(expert, priority, num_experts, -1 if capacity is None else capacity, S)
+    return Routing(expert, weight, slot, counts, capacity)
