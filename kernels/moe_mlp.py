@@ -18,12 +18,13 @@ Forward (P = T·k, an upper bound of the kept pairs; no host synchronisation any
 Backward:
   ``_moe_dz_kernel``      G[r] = dy[tok(r)] @ w2[e]ᵀ;  dZ[r] = w · G[r] ⊙ act'(Z[r]);  and the
                           per-32-column partial sums of G[r] ⊙ A[r] for the routing-weight grad
-  ``_moe_dweight_kernel`` dw[pair] = Σ partials + dy[t]·b2[e]   (= dy[t]·(A[r] @ w2[e] + b2[e]))
+  ``_moe_pair_grad_kernel`` per pair: dw[pair] = Σ partials + dy[t]·b2[e]  (= dy[t]·(A[r] @ w2[e]
+                          + b2[e])), and DYW[r] = w · dy[t] (the scaled, expert-sorted dy for dw2)
   ``_moe_scatter_kernel`` dXp[pair(r)] = dZ[r] @ w1[e]ᵀ, then ``_moe_combine_kernel`` → dx
-  ``_moe_wgrad_kernel``   dw1[e] = Σ_r x[tok(r)]ᵀ dZ[r], db1[e] = Σ_r dZ[r];
-                          dw2[e] = Σ_r A[r]ᵀ (w · dy[tok(r)]), db2[e] = Σ_r w · dy[tok(r)]
+  ``_moe_wgrad_kernel``   dw1[e] = Σ_r x[tok(r)]ᵀ dZ[r];  dw2[e] = Σ_r A[r]ᵀ DYW[r]
                           (one program per (expert, output tile), looping over the expert's rows;
                           an expert without rows writes zeros)
+  ``_moe_bias_grad_kernel`` db1[e] = Σ_r dZ[r];  db2[e] = Σ_r DYW[r]
 Every reduction has a fixed order: results are bitwise deterministic run to run, and no fp32
 atomics are used.
 
@@ -65,43 +66,72 @@ def _gemm_cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
+# Per kernel family and operand width; every GPU config was compiled for sm_80 and sm_90a with the
+# wheel's ptxas and none spills (see aot_specs and m2mkd_fast.kernels.report). fp32 operands use
+# "ieee" dots (FMA, no tensor cores) unless torch allows TF32: small tiles, else they spill.
 if _interpreting():
-    GEMM_CONFIGS = [_gemm_cfg(32, 32, 16, 1, 1)]
-    WGRAD_CONFIGS = [_gemm_cfg(32, 32, 32, 1, 1)]
+    _CONFIGS = {
+        "gemm": {"16bit": [_gemm_cfg(32, 32, 16, 1, 1)], "fp32": []},
+        "dz": {"16bit": [_gemm_cfg(32, 32, 16, 1, 1)], "fp32": []},
+        "wgrad": {"16bit": [_gemm_cfg(32, 32, 32, 1, 1)], "fp32": []},
+    }
 else:
-    GEMM_CONFIGS = [
-        _gemm_cfg(128, 128, 64, 8, 3),
-        _gemm_cfg(128, 64, 64, 4, 4),
-        _gemm_cfg(64, 128, 64, 4, 4),
-        _gemm_cfg(64, 64, 64, 4, 3),
-        _gemm_cfg(128, 128, 32, 8, 3),
-        _gemm_cfg(64, 64, 32, 4, 4),
-    ]
-    # BLOCK_M × BLOCK_N is the (expert) output tile, BLOCK_K the rows consumed per step
-    WGRAD_CONFIGS = [
-        _gemm_cfg(128, 128, 64, 8, 3),
-        _gemm_cfg(128, 64, 64, 4, 4),
-        _gemm_cfg(64, 128, 64, 4, 4),
-        _gemm_cfg(64, 64, 64, 4, 3),
-        _gemm_cfg(128, 128, 32, 8, 3),
-        _gemm_cfg(64, 64, 32, 4, 4),
-    ]
+    _CONFIGS = {
+        # fc1, fc2 and dX (row tiles × output columns, BLOCK_K over the reduction)
+        "gemm": {
+            "16bit": [
+                _gemm_cfg(128, 128, 64, 8, 3),
+                _gemm_cfg(128, 64, 64, 4, 4),
+                _gemm_cfg(64, 128, 64, 4, 4),
+                _gemm_cfg(64, 64, 64, 4, 3),
+                _gemm_cfg(128, 128, 32, 8, 3),
+                _gemm_cfg(64, 64, 32, 4, 4),
+            ],
+            "fp32": [_gemm_cfg(32, 64, 32, 4, 3), _gemm_cfg(32, 32, 32, 4, 3)],
+        },
+        # dZ: its epilogue (Z, A, act', partial sums) needs more registers: 8 warps for 128-wide tiles
+        "dz": {
+            "16bit": [
+                _gemm_cfg(128, 64, 64, 8, 3),
+                _gemm_cfg(64, 128, 64, 8, 3),
+                _gemm_cfg(64, 64, 64, 4, 3),
+                _gemm_cfg(64, 64, 32, 4, 4),
+            ],
+            "fp32": [_gemm_cfg(32, 64, 32, 4, 3), _gemm_cfg(32, 32, 32, 4, 3)],
+        },
+        # weight gradients: BLOCK_M × BLOCK_N is the expert's output tile, BLOCK_K the rows per step
+        "wgrad": {
+            "16bit": [
+                _gemm_cfg(128, 128, 64, 8, 3),
+                _gemm_cfg(128, 64, 64, 4, 4),
+                _gemm_cfg(64, 128, 64, 4, 4),
+                _gemm_cfg(64, 64, 64, 4, 3),
+                _gemm_cfg(128, 128, 32, 8, 3),
+                _gemm_cfg(64, 64, 32, 4, 4),
+            ],
+            "fp32": [_gemm_cfg(64, 64, 16, 4, 3), _gemm_cfg(32, 64, 32, 4, 3), _gemm_cfg(32, 32, 32, 4, 3)],
+        },
+    }
+_FP32_CONFIG_IDS = {id(c) for fam in _CONFIGS.values() for c in fam["fp32"]}
 
-_SMEM_BUDGET = 160 * 1024  # below sm_80's 163 KiB per block
 
-
-def config_fits(cfg, elem_bytes: int) -> bool:
-    """Pipelined operand tiles (stages × (M×K + K×N)) fit the shared memory of sm_80 and sm_90."""
-    m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-    return cfg.num_stages * (m * k + k * n) * elem_bytes <= _SMEM_BUDGET
+def configs(family: str, operand_bytes: Optional[int] = None) -> list:
+    """The autotune configs of a kernel family ("gemm", "dz", "wgrad"); with operand_bytes, only
+    those for that dot-operand width (4: fp32, else 16-bit)."""
+    fam = _CONFIGS[family]
+    if operand_bytes is None:
+        return fam["16bit"] + fam["fp32"]
+    return fam["fp32"] if operand_bytes == 4 else fam["16bit"]
 
 
 def _prune(configs, named_args, **kwargs):
+    if _interpreting():
+        return configs
     args = {**named_args, **kwargs}
     operand = next(args[n] for n in ("X", "SRC", "DY", "L") if n in args)
-    elem = 4 if args["DOT_FP32"] else operand.element_size()
-    keep = [c for c in configs if config_fits(c, elem)]
-    return keep or [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_K"])]
+    wide = operand.element_size() == 4
+    keep = [c for c in configs if (id(c) in _FP32_CONFIG_IDS) == wide]
+    return keep or configs[-1:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,11 +176,11 @@ def _act_grad(z, ACT: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 # row GEMMs
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=GEMM_CONFIGS, key=["K", "N"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=configs("gemm"), key=["K", "N", "P_HINT"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _moe_fc1_kernel(
     X, W, BIAS, Z, A, PAIR_OF_ROW, OFFSETS,
-    K, N, E,
+    K, N, E, P_HINT,
     stride_xt, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
     TOPK: tl.constexpr, E_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
     ACT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
@@ -211,11 +241,11 @@ def _moe_fill_tail_kernel(
                 tl.store(Z + offs, zero.to(Z.dtype.element_ty), mask=m2)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["K", "N"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=configs("gemm"), key=["K", "N", "P_HINT"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _moe_scatter_kernel(
     SRC, W, BIAS, WEIGHT, OUT, PAIR_OF_ROW, OFFSETS,
-    K, N, E,
+    K, N, E, P_HINT,
     stride_we, stride_wk, stride_wn, stride_be, stride_bn,
     E_P2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
@@ -283,18 +313,18 @@ def _moe_combine_kernel(
     )
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["K", "N"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=configs("dz"), key=["K", "N", "P_HINT"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _moe_dz_kernel(
     DY, W, WEIGHT, Z, A, DZ, PART, PAIR_OF_ROW, OFFSETS,
-    K, N, E, NPART,
+    K, N, E, P_HINT, NPART,
     stride_dyt, stride_dyk, stride_we, stride_wk, stride_wn,
     TOPK: tl.constexpr, E_P2: tl.constexpr, ACT: tl.constexpr, NEED_PART: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G = dy[tok(r)] @ w2[e]ᵀ (K = d, N = h; W = w2 read transposed);
-    dZ[r] = w · G ⊙ act'(Z[r]);  PART[r, c] = Σ over 32-column chunk c of G ⊙ A[r]."""
+    dZ[r] = w · G ⊙ act'(Z[r]);  PART[r, :] = partial sums of G ⊙ A[r] (Σ PART[r] = G[r]·A[r])."""
     pid = tl.program_id(0)
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
     pid_n = pid % n_tiles
@@ -326,61 +356,73 @@ def _moe_dz_kernel(
         dz = acc * w[:, None] * _act_grad(z, ACT)
         tl.store(DZ + out, round_to(dz, DZ.dtype.element_ty, BF16_RTNE), mask=m2)
         if NEED_PART:
+            # Σ_n G ⊙ A over this tile's columns, written to column pid_n of PART; PART has one
+            # column per 32 output columns (the smallest BLOCK_N), the others of this tile get 0
             act = tl.load(A + out, mask=m2, other=0.0).to(tl.float32)
-            part = tl.sum(tl.reshape(acc * act, (BLOCK_M, BLOCK_N // 32, 32)), axis=2)
-            pc = pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
+            part = tl.sum(acc * act, axis=1)
+            sub = tl.arange(0, BLOCK_N // 32)
+            pc = pid_n * (BLOCK_N // 32) + sub
             tl.store(
-                PART + rows.to(tl.int64)[:, None] * NPART + pc[None, :], part,
+                PART + rows.to(tl.int64)[:, None] * NPART + pc[None, :],
+                tl.where(sub[None, :] == 0, part[:, None], 0.0),
                 mask=rmask[:, None] & (pc < NPART)[None, :],
             )
 
 
 @triton.jit
-def _moe_dweight_kernel(
-    PART, ROW_OF_PAIR, EXPERT, DY, BIAS, DWEIGHT,
+def _moe_pair_grad_kernel(
+    PART, ROW_OF_PAIR, EXPERT, WEIGHT, DY, BIAS, DWEIGHT, DYW,
     P, NPART, D,
     stride_dyt, stride_dyd, stride_be, stride_bd,
-    TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, BF16_RTNE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DWEIGHT: tl.constexpr, NEED_DYW: tl.constexpr,
+    BF16_RTNE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dweight[p] = Σ_c PART[row(p), c] + dy[t]·b2[e]  for kept pairs, 0 for dropped ones."""
+    """Per (token, choice) pair p at row r:
+    dweight[p] = Σ_c PART[r, c] + dy[t]·b2[e]  (0 for a dropped pair);  DYW[r] = w[p] · dy[t]."""
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = p < P
     row = tl.load(ROW_OF_PAIR + p, mask=pm, other=-1)
     kept = row >= 0
     row = row.to(tl.int64)
+    t = p // TOPK
     acc = tl.zeros((BLOCK_P,), tl.float32)
-    for c0 in range(0, NPART, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        acc += tl.sum(tl.load(PART + row[:, None] * NPART + cc[None, :], mask=kept[:, None] & (cc < NPART)[None, :], other=0.0), axis=1)
-    if HAS_BIAS:
+    if NEED_DWEIGHT:
+        for c0 in range(0, NPART, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            m2 = kept[:, None] & (cc < NPART)[None, :]
+            acc += tl.sum(tl.load(PART + row[:, None] * NPART + cc[None, :], mask=m2, other=0.0), axis=1)
+    if NEED_DYW or HAS_BIAS:
         e = tl.load(EXPERT + p, mask=kept, other=0)
-        t = p // TOPK
+        w = tl.load(WEIGHT + p, mask=kept, other=0.0)
+        w = round_to(w.to(tl.float32), DY.dtype.element_ty, BF16_RTNE).to(tl.float32)
         for d0 in range(0, D, BLOCK_C):
             dd = d0 + tl.arange(0, BLOCK_C)
             m2 = kept[:, None] & (dd < D)[None, :]
             g = tl.load(DY + t[:, None] * stride_dyt + dd[None, :] * stride_dyd, mask=m2, other=0.0).to(tl.float32)
-            b = tl.load(BIAS + e[:, None] * stride_be + dd[None, :] * stride_bd, mask=m2, other=0.0).to(tl.float32)
-            acc += tl.sum(g * b, axis=1)
-    acc = tl.where(kept, acc, 0.0)
-    tl.store(DWEIGHT + p, round_to(acc, DWEIGHT.dtype.element_ty, BF16_RTNE), mask=pm)
+            if NEED_DYW:
+                tl.store(DYW + row[:, None] * D + dd[None, :], round_to(g * w[:, None], DYW.dtype.element_ty, BF16_RTNE), mask=m2)
+            if HAS_BIAS:
+                b = tl.load(BIAS + e[:, None] * stride_be + dd[None, :] * stride_bd, mask=m2, other=0.0).to(tl.float32)
+                acc += tl.sum(g * b, axis=1)
+    if NEED_DWEIGHT:
+        acc = tl.where(kept, acc, 0.0)
+        tl.store(DWEIGHT + p, round_to(acc, DWEIGHT.dtype.element_ty, BF16_RTNE), mask=pm)
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=["M", "N"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=configs("wgrad"), key=["M", "N", "P_HINT"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _moe_wgrad_kernel(
-    L, R, WEIGHT, W, DB, PAIR_OF_ROW, OFFSETS,
-    M, N, E,
-    stride_l0, stride_l1, stride_r0, stride_r1, stride_we, stride_wm, stride_wn, stride_be, stride_bn,
-    TOPK: tl.constexpr, L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, R_SCALE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+    L, R, W, PAIR_OF_ROW, OFFSETS,
+    M, N, E, P_HINT,
+    stride_l0, stride_l1, stride_we, stride_wm, stride_wn,
+    TOPK: tl.constexpr, L_GATHER: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """W[e] = Σ_{rows r of e} L[r]ᵀ R[r]  ([M, N]);  DB[e] = Σ_r R[r]   (written as W's gradient).
+    """W[e] = Σ_{rows r of e} L[r]ᵀ R[r]  ([M, N]; R [P, N] rows in expert order).
 
-    dw1: L = x gathered by token (M = d), R = dZ (N = h).
-    dw2: L = A (M = h), R = w · dy gathered by token (N = d).
-    A gathered operand is a token-major matrix read at row pair // k; the others at row r.
+    dw1: L = x gathered at token pair // k (M = d), R = dZ (N = h).
+    dw2: L = A (M = h), R = w · dy (DYW, N = d).
     """
     pid = tl.program_id(0)
     n_tiles = (N + BLOCK_N - 1) // BLOCK_N
@@ -395,50 +437,55 @@ def _moe_wgrad_kernel(
     mm = cm < M
     nm = cn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    bacc = tl.zeros((BLOCK_N,), tl.float32)
     for r0 in range(lo, hi, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         rmask = rows < hi
-        pair = tl.load(PAIR_OF_ROW + rows, mask=rmask, other=0)
         if L_GATHER:
-            lrow = (pair // TOPK).to(tl.int64)
+            lrow = (tl.load(PAIR_OF_ROW + rows, mask=rmask, other=0) // TOPK).to(tl.int64)
         else:
             lrow = rows.to(tl.int64)
-        if R_GATHER:
-            rrow = (pair // TOPK).to(tl.int64)
-        else:
-            rrow = rows.to(tl.int64)
         lt = tl.load(L + lrow[:, None] * stride_l0 + cm[None, :] * stride_l1, mask=rmask[:, None] & mm[None, :], other=0.0)
-        rt = tl.load(R + rrow[:, None] * stride_r0 + cn[None, :] * stride_r1, mask=rmask[:, None] & nm[None, :], other=0.0)
-        if R_SCALE:
-            w = tl.load(WEIGHT + pair, mask=rmask, other=0.0)
-            w = round_to(w.to(tl.float32), L.dtype.element_ty, BF16_RTNE).to(tl.float32)
-            rs = rt.to(tl.float32) * w[:, None]
-            if HAS_BIAS:
-                if pid_m == 0:
-                    bacc += tl.sum(rs, axis=0)
-            rt = round_to(rs, L.dtype.element_ty, BF16_RTNE)
-        else:
-            if HAS_BIAS:
-                if pid_m == 0:
-                    bacc += tl.sum(rt.to(tl.float32), axis=0)
+        rt = tl.load(R + rows.to(tl.int64)[:, None] * N + cn[None, :], mask=rmask[:, None] & nm[None, :], other=0.0)
         if DOT_FP32:
             lt = lt.to(tl.float32)
             rt = rt.to(tl.float32)
         acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION)
-    e64 = e.to(tl.int64)
     tl.store(
-        W + e64 * stride_we + cm[:, None] * stride_wm + cn[None, :] * stride_wn,
+        W + e.to(tl.int64) * stride_we + cm[:, None] * stride_wm + cn[None, :] * stride_wn,
         round_to(acc, W.dtype.element_ty, BF16_RTNE), mask=mm[:, None] & nm[None, :],
     )
-    if HAS_BIAS:
-        if pid_m == 0:
-            tl.store(DB + e64 * stride_be + cn * stride_bn, round_to(bacc, DB.dtype.element_ty, BF16_RTNE), mask=nm)
+
+
+@triton.jit
+def _moe_bias_grad_kernel(
+    R, DB, OFFSETS, N, E, stride_be, stride_bn,
+    BF16_RTNE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """DB[e] = Σ_{rows r of e} R[r]   (db1 from dZ, db2 from w · dy; 0 for an expert without rows)."""
+    pid = tl.program_id(0)
+    n_tiles = (N + BLOCK_N - 1) // BLOCK_N
+    pid_n = pid % n_tiles
+    e = pid // n_tiles
+    lo = tl.load(OFFSETS + e)
+    hi = tl.load(OFFSETS + e + 1)
+    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = cn < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+    for r0 in range(lo, hi, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        acc += tl.load(R + rows.to(tl.int64)[:, None] * N + cn[None, :], mask=(rows < hi)[:, None] & nm[None, :], other=0.0).to(tl.float32)
+    tl.store(DB + e.to(tl.int64) * stride_be + cn * stride_bn, round_to(tl.sum(acc, axis=0), DB.dtype.element_ty, BF16_RTNE), mask=nm)
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
+def rows_hint(P: int) -> int:
+    """The autotune key's size class of the T·k rows (the next power of two): a config tuned on
+    a few tokens is not reused for a full batch. The kernels do not read it."""
+    return triton.next_power_of_2(max(P, 1))
+
+
 def _dot_settings(dtype: torch.dtype) -> dict:
     interp = _interpreting()
     if dtype == torch.float32:
@@ -446,10 +493,6 @@ def _dot_settings(dtype: torch.dtype) -> dict:
     else:
         precision = "ieee"
     return {"DOT_FP32": interp and dtype != torch.float32, "PRECISION": precision, "BF16_RTNE": interp}
-
-
-def _row_tiles(P: int, E: int):
-    return lambda meta: (triton.cdiv(P, meta["BLOCK_M"]) + E,)
 
 
 def _combine(src: torch.Tensor, row_of_pair: torch.Tensor, out: torch.Tensor, k: int) -> None:
@@ -469,7 +512,7 @@ def _scatter_gemm(src, w, bias, weight, out, pair_of_row, offsets, K, N, strides
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * (triton.cdiv(P, meta["BLOCK_M"]) + E),)  # noqa: E731
     _moe_scatter_kernel[grid](
         src, w, bias if bias is not None else w, weight, out, pair_of_row, offsets,
-        K, N, E, *strides_w, *(bias.stride() if bias is not None else (0, 0)),
+        K, N, E, rows_hint(P), *strides_w, *(bias.stride() if bias is not None else (0, 0)),
         E_P2=max(2, triton.next_power_of_2(E)), HAS_BIAS=bias is not None, HAS_SCALE=has_scale, **dot,
     )
 
@@ -513,7 +556,7 @@ def moe_forward(
     grid = lambda meta: (triton.cdiv(h, meta["BLOCK_N"]) * (triton.cdiv(P, meta["BLOCK_M"]) + E),)  # noqa: E731
     _moe_fc1_kernel[grid](
         x, w1, b1 if b1 is not None else w1, z, a, pair_of_row, offsets,
-        d, h, E, x.stride(0), x.stride(1), *w1.stride(), *(b1.stride() if b1 is not None else (0, 0)),
+        d, h, E, rows_hint(P), x.stride(0), x.stride(1), *w1.stride(), *(b1.stride() if b1 is not None else (0, 0)),
         TOPK=k, E_P2=e_p2, HAS_BIAS=b1 is not None, SAVE_Z=save_for_backward, ACT=act, **dot,
     )
     block_t = 32 if _interpreting() else 64
@@ -581,16 +624,19 @@ def moe_backward(
         grid = lambda meta: (triton.cdiv(h, meta["BLOCK_N"]) * (triton.cdiv(P, meta["BLOCK_M"]) + E),)  # noqa: E731
         _moe_dz_kernel[grid](
             dy, w2, weight, z, a, dz, part, pair_of_row, offsets,
-            d, h, E, npart, dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(2), w2.stride(1),
+            d, h, E, rows_hint(P), npart, dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(2), w2.stride(1),
             TOPK=k, E_P2=e_p2, ACT=act, NEED_PART=need_dweight, **dot,
         )
-    if need_dweight:
-        block_p = 32 if _interpreting() else 128
+    dyw = torch.empty((P if need_dw2 else 0, d), dtype=dt, device=dev)
+    has_b2 = b2 is not None
+    if need_dweight or need_dw2:
+        block_p = 32 if _interpreting() else 64
         block_c = 32 if _interpreting() else 64
-        _moe_dweight_kernel[(triton.cdiv(P, block_p),)](
-            part, row_of_pair, expert, dy, b2 if b2 is not None else dy, dweight,
-            P, npart, d, dy.stride(0), dy.stride(1), *(b2.stride() if b2 is not None else (0, 0)),
-            TOPK=k, HAS_BIAS=b2 is not None, BF16_RTNE=dot["BF16_RTNE"], BLOCK_P=block_p, BLOCK_C=block_c,
+        _moe_pair_grad_kernel[(triton.cdiv(P, block_p),)](
+            part if need_dweight else dyw, row_of_pair, expert, weight, dy, b2 if has_b2 else dy, dweight, dyw,
+            P, npart, d, dy.stride(0), dy.stride(1), *(b2.stride() if has_b2 else (0, 0)),
+            TOPK=k, HAS_BIAS=has_b2 and need_dweight, NEED_DWEIGHT=need_dweight, NEED_DYW=need_dw2,
+            BF16_RTNE=dot["BF16_RTNE"], BLOCK_P=block_p, BLOCK_C=block_c,
         )
     if need_dx:
         dx_pairs = torch.empty((P, d), dtype=dt, device=dev)
@@ -598,21 +644,98 @@ def moe_backward(
         _scatter_gemm(dz, w1, None, weight, dx_pairs, pair_of_row, offsets, h, d,
                       (w1.stride(0), w1.stride(2), w1.stride(1)), False, **dot)
         _combine(dx_pairs, row_of_pair, dx, k)
-    wgrad_grid = lambda M, N: (lambda meta: (E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),))  # noqa: E731
+
+    def wgrad(lhs, rhs, out, M, N, gather):
+        grid = lambda meta: (E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _moe_wgrad_kernel[grid](
+            lhs, rhs, out, pair_of_row, offsets, M, N, E, rows_hint(P), lhs.stride(0), lhs.stride(1), *out.stride(),
+            TOPK=k, L_GATHER=gather, **dot,
+        )
+
+    def bias_grad(rhs, out, N):
+        block_k = 32 if _interpreting() else 32
+        block_n = 32 if _interpreting() else min(128, triton.next_power_of_2(N))
+        _moe_bias_grad_kernel[(E * triton.cdiv(N, block_n),)](
+            rhs, out, offsets, N, E, out.stride(0), out.stride(1),
+            BF16_RTNE=dot["BF16_RTNE"], BLOCK_K=block_k, BLOCK_N=block_n,
+        )
+
     if need_dw1:
-        has_b = b1 is not None
-        _moe_wgrad_kernel[wgrad_grid(d, h)](
-            x, dz, weight, dw1, db1 if has_b else dw1, pair_of_row, offsets,
-            d, h, E, x.stride(0), x.stride(1), dz.stride(0), dz.stride(1), *dw1.stride(),
-            *(db1.stride() if has_b else (0, 0)),
-            TOPK=k, L_GATHER=True, R_GATHER=False, R_SCALE=False, HAS_BIAS=has_b, **dot,
-        )
+        wgrad(x, dz, dw1, d, h, True)
+        if b1 is not None:
+            bias_grad(dz, db1, h)
     if need_dw2:
-        has_b = b2 is not None
-        _moe_wgrad_kernel[wgrad_grid(h, d)](
-            a, dy, weight, dw2, db2 if has_b else dw2, pair_of_row, offsets,
-            h, d, E, a.stride(0), a.stride(1), dy.stride(0), dy.stride(1), *dw2.stride(),
-            *(db2.stride() if has_b else (0, 0)),
-            TOPK=k, L_GATHER=False, R_GATHER=True, R_SCALE=True, HAS_BIAS=has_b, **dot,
-        )
+        wgrad(a, dyw, dw2, h, d, False)
+        if has_b2:
+            bias_grad(dyw, db2, d)
     return dx, dweight, dw1, db1, dw2, db2
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compilation specs (m2mkd_fast.kernels.report)
+# --------------------------------------------------------------------------------------------
+def aot_specs() -> list:
+    """KernelSpecs of every kernel, autotune config and dtype at the V-MoE-B shape (d = 768,
+    h = 3072, E = 8, k = 2, contiguous tensors: unit strides are specialised as the JIT does)."""
+    from .aot import KernelSpec, jit_function
+
+    def spec(name, kernel, dtype, pointers, constexprs, cfg=None, uses_dot=True):
+        fn = jit_function(kernel)
+        values = dict(constexprs)
+        warps, stages, label = 4, 2, ""
+        if cfg is not None:
+            values.update(cfg.kwargs)
+            warps, stages = cfg.num_warps, cfg.num_stages
+            label = ",".join(f"{k}={v}" for k, v in sorted(cfg.kwargs.items())) + f",w{warps},s{stages}"
+        signature, divisible = {}, []
+        for arg in fn.arg_names:
+            if arg in values:
+                signature[arg] = "constexpr"
+            elif arg in pointers:
+                signature[arg] = pointers[arg]
+            else:
+                signature[arg] = "i32"
+                divisible.append(arg)
+        return KernelSpec(name, fn, signature, values, dtype, warps, stages, label, uses_dot, tuple(divisible))
+
+    specs = []
+    for dtype in ("bf16", "fp32"):
+        p = f"*{dtype}"
+        elem = 2 if dtype == "bf16" else 4
+        dot = {"DOT_FP32": False, "PRECISION": "ieee", "BF16_RTNE": False}
+        common = {"E_P2": 8, **dot}
+        for cfg in configs("gemm", elem):
+            specs.append(spec("moe_fc1", _moe_fc1_kernel, dtype,
+                              {"X": p, "W": p, "BIAS": p, "Z": p, "A": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"},
+                              {"stride_xk": 1, "stride_wn": 1, "stride_bn": 1, "TOPK": 2, "HAS_BIAS": True,
+                               "SAVE_Z": True, "ACT": 0, **common}, cfg))
+            ptrs = {"SRC": p, "W": p, "BIAS": p, "WEIGHT": p, "OUT": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"}
+            specs.append(spec("moe_fc2", _moe_scatter_kernel, dtype, ptrs,
+                              {"stride_wn": 1, "stride_bn": 1, "HAS_BIAS": True, "HAS_SCALE": True, **common}, cfg))
+            specs.append(spec("moe_bwd_dx", _moe_scatter_kernel, dtype, ptrs,
+                              {"stride_wk": 1, "stride_bn": 1, "HAS_BIAS": False, "HAS_SCALE": False, **common}, cfg))
+        for cfg in configs("dz", elem):
+            specs.append(spec("moe_bwd_dz", _moe_dz_kernel, dtype,
+                              {"DY": p, "W": p, "WEIGHT": p, "Z": p, "A": p, "DZ": p, "PART": "*fp32",
+                               "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"},
+                              {"stride_dyk": 1, "stride_wk": 1, "TOPK": 2, "ACT": 0, "NEED_PART": True, **common}, cfg))
+        for cfg in configs("wgrad", elem):
+            ptrs = {"L": p, "R": p, "W": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"}
+            base = {"stride_l1": 1, "stride_wn": 1, "TOPK": 2, **dot}
+            specs.append(spec("moe_bwd_dw1", _moe_wgrad_kernel, dtype, ptrs, {**base, "L_GATHER": True}, cfg))
+            specs.append(spec("moe_bwd_dw2", _moe_wgrad_kernel, dtype, ptrs, {**base, "L_GATHER": False}, cfg))
+        specs.append(spec("moe_fill_tail", _moe_fill_tail_kernel, dtype,
+                          {"Z": p, "A": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"},
+                          {"SAVE_Z": True, "BLOCK_T": 64, "BLOCK_N": 128}, uses_dot=False))
+        specs.append(spec("moe_combine", _moe_combine_kernel, dtype,
+                          {"SRC": p, "ROW_OF_PAIR": "*i32", "OUT": p},
+                          {"stride_on": 1, "TOPK": 2, "BF16_RTNE": False, "BLOCK_T": 16, "BLOCK_N": 256}, uses_dot=False))
+        specs.append(spec("moe_bwd_pair_grad", _moe_pair_grad_kernel, dtype,
+                          {"PART": "*fp32", "ROW_OF_PAIR": "*i32", "EXPERT": "*i64", "WEIGHT": p, "DY": p, "BIAS": p,
+                           "DWEIGHT": p, "DYW": p},
+                          {"stride_dyd": 1, "stride_bd": 1, "TOPK": 2, "HAS_BIAS": True, "NEED_DWEIGHT": True,
+                           "NEED_DYW": True, "BF16_RTNE": False, "BLOCK_P": 64, "BLOCK_C": 64}, uses_dot=False))
+        specs.append(spec("moe_bwd_bias", _moe_bias_grad_kernel, dtype,
+                          {"R": p, "DB": p, "OFFSETS": "*i32"},
+                          {"stride_bn": 1, "BF16_RTNE": False, "BLOCK_K": 32, "BLOCK_N": 128}, uses_dot=False))
+    return specs
