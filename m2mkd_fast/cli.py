@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the 'quick' preset (tiny budgets, 1 seed; minutes) unless --config is given")
     p.add_argument("--seeds", default=None, metavar="S,S,...", help="override reproduce.seeds, e.g. 0,1,2")
     p.add_argument("--students", default=None, metavar="K,K", help="override reproduce.students, e.g. nac,vmoe")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="worker processes (1 thread each) for independent units: meta beside teacher, then the "
+                        "(student, seed) pipelines; 1 = everything in this process (default: reproduce.jobs)")
     p.add_argument("--report-dir", default=None, metavar="DIR",
                    help="also copy REPORT.md, results.json, config.yaml and figures/ here (e.g. results/)")
     p = sub.add_parser("presets", help="list the shipped presets", description="list the shipped presets")
@@ -200,7 +203,7 @@ def main(argv=None) -> int:
                 load_state_checked(model, sd, f"weights {args.weights}")
             pipe.evaluate(args.student, seed, args.which if not args.weights else "weights", model=model)
         elif ph == "reproduce":
-            pipe.reproduce(report_dir=args.report_dir)
+            pipe.reproduce(report_dir=args.report_dir, jobs=args.jobs)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"m2mkd-fast {args.phase}: error: {err}", file=sys.stderr)
         return 1

@@ -159,6 +159,7 @@ def validate(cfg: dict) -> dict:
     need(a["padding"] >= 0, "augment.padding", f"must be >= 0, got {a['padding']}")
     r = cfg["reproduce"]
     need(len(r["seeds"]) >= 1, "reproduce.seeds", "needs at least one seed")
+    need(r["jobs"] >= 1, "reproduce.jobs", f"must be >= 1, got {r['jobs']}")
     need(all(isinstance(s, int) for s in r["seeds"]), "reproduce.seeds", f"must be integers, got {r['seeds']}")
     need(len(set(r["seeds"])) == len(r["seeds"]), "reproduce.seeds", f"has duplicates: {r['seeds']}")
     need(len(r["students"]) >= 1 and all(s in STUDENTS for s in r["students"]), "reproduce.students",

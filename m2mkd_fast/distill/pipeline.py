@@ -71,7 +71,7 @@ class Pipeline:
     """All phases over one run directory and one resolved config."""
 
     def __init__(self, cfg: dict, root, ctx: DistContext | None = None, progress: bool = True,
-                 force: bool = False):
+                 force: bool = False, write_config: bool = True):
         self.cfg = cfg
         self.root = Path(root)
         self.ctx = ctx or init_distributed(cfg["device"])
@@ -80,8 +80,8 @@ class Pipeline:
         self._data = None
         if self.ctx.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.root / "config.yaml")
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+            if write_config:
+                dump_config(cfg, self.root / "config.yaml")
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -349,11 +349,9 @@ class Pipeline:
         return res
 
     # ----------------------------------------------------------------------------- reproduce
-    def reproduce(self, report_dir=None):
-        """Everything: meta, teacher, split, then per seed and student: distill all pairs,
-        assemble, finetune, evaluate, scratch, evaluate; then REPORT.md."""
-        t0 = time.time()
-        timings = {}
+    def run_student(self, kind: str, seed: int, timings: dict | None = None):
+        """One student and seed: distill every pair, assemble, fine-tune, evaluate; scratch, evaluate."""
+        timings = {} if timings is None else timings
 
         def timed(key, fn, *a, **k):
             t = time.time()
@@ -361,27 +359,84 @@ class Pipeline:
             timings[key] = timings.get(key, 0.0) + time.time() - t
             return r
 
+        timed(f"{kind}/distill", self.distill, kind, seed, "all", resume="auto")
+        timed(f"{kind}/assemble", self.assemble, kind, seed)
+        timed(f"{kind}/finetune", self.finetune, kind, seed, resume="auto")
+        timed(f"{kind}/evaluate", self.evaluate, kind, seed, "finetune")
+        timed(f"{kind}/scratch", self.scratch, kind, seed, resume="auto")
+        timed(f"{kind}/evaluate", self.evaluate, kind, seed, "scratch")
+        return timings
+
+    def reproduce(self, report_dir=None, jobs: int | None = None):
+        """Everything: meta, teacher, split, then per seed and student: distill all pairs,
+        assemble, finetune, evaluate, scratch, evaluate; then REPORT.md.
+
+        ``jobs`` > 1 (single-process runs only) runs independent work in that many worker
+        processes of one thread each: the meta model beside the teacher, then the (student,
+        seed) pipelines. On a small CPU this beats one process with several threads (small
+        models scale badly across threads); results are identical either way, as every run's
+        randomness depends on its own seeds only."""
+        t0 = time.time()
+        timings: dict = {}
         rcfg = self.cfg["reproduce"]
-        timed("pretrain-meta", self.pretrain_meta, resume="auto")
-        timed("train-teacher", self.train_teacher, resume="auto")
-        if self.force or not self._teacher_split_current():
-            timed("split-teacher", self.split_teacher)
-        for seed in rcfg["seeds"]:
-            for kind in rcfg["students"]:
-                timed(f"{kind}/distill", self.distill, kind, seed, "all", resume="auto")
-                timed(f"{kind}/assemble", self.assemble, kind, seed)
-                timed(f"{kind}/finetune", self.finetune, kind, seed, resume="auto")
-                timed(f"{kind}/evaluate", self.evaluate, kind, seed, "finetune")
-                timed(f"{kind}/scratch", self.scratch, kind, seed, resume="auto")
-                timed(f"{kind}/evaluate", self.evaluate, kind, seed, "scratch")
+        jobs = int(rcfg["jobs"] if jobs is None else jobs)
+        if self.ctx.distributed:
+            jobs = 1
+        units = [(kind, seed) for kind in sorted(rcfg["students"], key=lambda k: k != "vmoe") for seed in rcfg["seeds"]]
+        if jobs <= 1:
+            for key, fn in (("pretrain-meta", self.pretrain_meta), ("train-teacher", self.train_teacher)):
+                t = time.time()
+                fn(resume="auto")
+                timings[key] = time.time() - t
+            if self.force or not self._teacher_split_current():
+                t = time.time()
+                self.split_teacher()
+                timings["split-teacher"] = time.time() - t
+            for kind, seed in sorted(units, key=lambda u: (u[1], u[0])):
+                self.run_student(kind, seed, timings)
+        else:
+            self._parallel([("meta",), ("teacher",)], jobs, timings)
+            if self.force or not self._teacher_split_current():
+                t = time.time()
+                self.split_teacher()
+                timings["split-teacher"] = time.time() - t
+            self._parallel([("student", kind, seed) for kind, seed in units], jobs, timings)
         wall = time.time() - t0
         if self.ctx.is_main:
             from .report import write_report
 
-            path = write_report(self, timings, wall, report_dir)
+            path = write_report(self, timings, wall, report_dir, jobs=jobs)
             log(f"reproduce: done in {wall / 60:.1f} min; report {path}", self.ctx)
             return path
         return None
+
+    def _parallel(self, work: list, jobs: int, timings: dict):
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        log(f"running {len(work)} unit(s) in {min(jobs, len(work))} worker process(es), 1 thread each", self.ctx)
+        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(work)), mp_context=mp.get_context("spawn")) as ex:
+            futs = [ex.submit(_worker, self.cfg, str(self.root), self.force, unit) for unit in work]
+            for f in cf.as_completed(futs):
+                for k, v in f.result().items():
+                    timings[k] = timings.get(k, 0.0) + v
+
+
+def _worker(cfg: dict, root: str, force: bool, unit: tuple) -> dict:
+    """One unit of a parallel reproduce, in its own process with one thread."""
+    torch.set_num_threads(1)
+    from .dist import pick_device
+
+    pipe = Pipeline(cfg, root, ctx=DistContext(device=pick_device(cfg["device"])), progress=False, force=force,
+                    write_config=False)
+    t = time.time()
+    if unit[0] == "meta":
+        pipe.pretrain_meta(resume="auto")
+        return {"pretrain-meta": time.time() - t}
+    if unit[0] == "teacher":
+        pipe.train_teacher(resume="auto")
+        return {"train-teacher": time.time() - t}
+    return pipe.run_student(unit[1], unit[2])
 
 
 @torch.no_grad()

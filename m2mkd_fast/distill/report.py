@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -161,7 +162,7 @@ def _fewshot_keys(per_seed):
     return []
 
 
-def write_report(pipe, timings: dict, wall: float, report_dir=None) -> Path:
+def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 1) -> Path:
     cfg = pipe.cfg
     res = collect(pipe)
     fig_dir = pipe.root / "figures"
@@ -187,8 +188,10 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None) -> Path:
              "a linear head on frozen L2-normalised pre-logit features (mean over episodes; ± is the 95% CI in the "
              "per-seed files, the std over seeds here)")
     L.append(f"- seeds: {seeds} (student init, stitch init, data order); the meta model and the teacher are shared by all seeds")
-    L.append(f"- machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}, device {pipe.ctx.device}, {pipe.ctx.world_size} process(es)")
+    L.append(f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+             f"torch {torch.__version__}, device {pipe.ctx.device}; "
+             + (f"{jobs} worker processes of 1 thread each" if jobs > 1 else
+                f"{pipe.ctx.world_size} process(es) of {torch.get_num_threads()} thread(s)"))
     L.append(f"- wall time of this `reproduce` call: {wall / 60:.1f} min (phases found done were skipped; see timings)")
     L.append("")
     L.append("## Result (mean ± std over seeds)")
@@ -279,11 +282,14 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None) -> Path:
     L.append("")
     L.append("## Where the time went")
     L.append("")
+    if jobs > 1:
+        L.append(f"Seconds per phase, summed over the {jobs} parallel workers (so they add up to more than the wall time).")
+        L.append("")
     L.append("| phase | seconds |")
     L.append("|---|---|")
     for k, v in timings.items():
         L.append(f"| {k} | {v:.0f} |")
-    L.append(f"| **total** | **{wall:.0f}** |")
+    L.append(f"| **wall time** | **{wall:.0f}** |")
     L.append("")
     runs = [("meta", res.get("meta")), ("teacher", res.get("teacher"))]
     for kind, per_seed in res["students"].items():
