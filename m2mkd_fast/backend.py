@@ -128,3 +128,30 @@ def select(op: str, device: torch.device, backend: Optional[str] = None) -> tupl
             if fn is not None:
                 return candidate, fn
     raise BackendUnavailable(f"{op}: no backend implements this op")
+
+
+@torch.compiler.assume_constant_result
+def backend_name(op: str, device_type: str, device_index: Optional[int], requested: str) -> str:
+    """The backend ``select`` picks; evaluated outside dynamo once per trace."""
+    device = torch.device(device_type) if device_index is None else torch.device(device_type, device_index)
+    return select(op, device, requested)[0]
+
+
+def select_backend(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
+    """``select(op, device, backend)``'s implementation, also while torch.compile traces.
+
+    ``select`` probes imports, which dynamo cannot trace. Under compilation the choice is
+    made outside dynamo (``backend_name``, a constant per trace; it imports the module) and the
+    function is read as an attribute of the backend package, so the op stays inside one graph
+    and ``fullgraph=True`` works.
+    """
+    if not torch.compiler.is_compiling():
+        return select(op, device, backend)[1]
+    name = backend_name(op, device.type, device.index, requested_backend(backend))
+    if name == "triton":
+        from . import triton_backend as package
+    elif name == "cpp":
+        from . import cpp_backend as package
+    else:
+        from . import torch_backend as package
+    return getattr(getattr(package, _FAMILY[op]), op)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .routing import select_backend
+from ..backend import select_backend
 
 __all__ = ["graph_attention"]
 

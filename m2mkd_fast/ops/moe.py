@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 
 from ..routing_result import Routing
-from .routing import select_backend
+from ..backend import select_backend
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
 

@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from .routing import select_backend
+from ..backend import select_backend
 
 __all__ = ["readin_attention"]
 

@@ -2,42 +2,17 @@
 
 import math
 import numbers
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from .. import backend as _backend
+from ..backend import select_backend
 from ..routing_result import Routing
 
 GATES = ("vmoe", "naive")
 AUX_LOSS_WEIGHT = 0.005
 
 
-@torch.compiler.assume_constant_result
-def backend_name(op: str, device_type: str, device_index: Optional[int], requested: str) -> str:
-    """The backend ``backend.select`` picks; evaluated outside dynamo once per trace."""
-    device = torch.device(device_type) if device_index is None else torch.device(device_type, device_index)
-    return _backend.select(op, device, requested)[0]
-
-
-def select_backend(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
-    """``backend.select(op, device, backend)``'s implementation, also while torch.compile traces.
-
-    ``backend.select`` probes imports, which dynamo cannot trace. Under compilation the choice is
-    made outside dynamo (``backend_name``, a constant per trace; it imports the module) and the
-    function is read as an attribute of the backend package, so the op stays inside one graph
-    and ``fullgraph=True`` works.
-    """
-    if not torch.compiler.is_compiling():
-        return _backend.select(op, device, backend)[1]
-    name = backend_name(op, device.type, device.index, _backend.requested_backend(backend))
-    if name == "triton":
-        from .. import triton_backend as package
-    elif name == "cpp":
-        from .. import cpp_backend as package
-    else:
-        from .. import torch_backend as package
-    return getattr(getattr(package, _backend._FAMILY[op]), op)
 
 
 def _check_int(name: str, value, low: int = 1) -> None:
