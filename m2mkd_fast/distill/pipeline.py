@@ -338,12 +338,21 @@ class Pipeline:
         return model.to(self.ctx.device).eval()
 
     def evaluate(self, kind: str, seed: int, which: str = "finetune", model=None):
-        """IID, OOD (corrupted test split) and few-shot (digits, linear probe) accuracy."""
+        """IID, OOD (corrupted test split) and few-shot (digits, linear probe) accuracy; cached in
+        eval_<which>.json (redone when the weights' run or the evaluate config changed)."""
+        out_path = self.student_dir(kind, seed) / f"eval_{which}.json"
+        src = _read_json(self.student_dir(kind, seed) / which / "done.json") if which in ("finetune", "scratch") else None
+        fp = fingerprint({"evaluate": self.cfg["evaluate"], "data": self.cfg["data"],
+                          "weights": (src or {}).get("fingerprint")}) if src else None
+        old = _read_json(out_path)
+        if model is None and fp and old and old.get("fingerprint") == fp and not self.force:
+            log(f"evaluate {kind} s{seed} {which}: done already, skipped", self.ctx)
+            return old
         model = model if model is not None else self.load_trained_student(kind, seed, which)
         res = evaluate_model(model, self.data, self.cfg["evaluate"], self.ctx)
-        res.update(kind=kind, seed=seed, which=which)
+        res.update(kind=kind, seed=seed, which=which, fingerprint=fp)
         if self.ctx.is_main:
-            _write_json(self.student_dir(kind, seed) / f"eval_{which}.json", res)
+            _write_json(out_path, res)
         log(f"evaluate {kind} s{seed} {which}: IID {100 * res['iid']:.2f}%  OOD {100 * res['ood']:.2f}%  "
             + "  ".join(f"{k} {100 * v['mean']:.1f}±{100 * v['ci95']:.1f}%" for k, v in res["fewshot"].items()), self.ctx)
         return res
@@ -405,6 +414,11 @@ class Pipeline:
         if self.ctx.is_main:
             from .report import write_report
 
+            ran = sum(1 for p in self.root.rglob("done.json") if p.stat().st_mtime >= t0)
+            total = sum(1 for _ in self.root.rglob("done.json"))
+            with open(self.root / "reproduce_log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), "wall_s": wall,
+                                    "ran": ran, "skipped": total - ran, "jobs": jobs}) + "\n")
             path = write_report(self, timings, wall, report_dir, jobs=jobs)
             log(f"reproduce: done in {wall / 60:.1f} min; report {path}", self.ctx)
             return path

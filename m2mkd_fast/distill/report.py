@@ -282,22 +282,33 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 
     L.append("")
     L.append("## Where the time went")
     L.append("")
-    if jobs > 1:
-        L.append(f"Seconds per phase, summed over the {jobs} parallel workers (so they add up to more than the wall time).")
-        L.append("")
-    L.append("| phase | seconds |")
-    L.append("|---|---|")
-    for k, v in timings.items():
-        L.append(f"| {k} | {v:.0f} |")
-    L.append(f"| **wall time** | **{wall:.0f}** |")
+    L.append("Compute per phase, from each run's own record (training incl. its per-epoch test evaluation; "
+             "identical whether this call ran the phase or found it done):")
     L.append("")
-    runs = [("meta", res.get("meta")), ("teacher", res.get("teacher"))]
+    L.append("| phase | runs | seconds | training images/s (median) |")
+    L.append("|---|---|---|---|")
+    rows = [("pretrain-meta", [res.get("meta")]), ("train-teacher", [res.get("teacher")])]
     for kind, per_seed in res["students"].items():
-        for seed, rec in per_seed.items():
-            runs.append((f"{kind} s{seed} finetune", rec.get("finetune_run")))
-            runs.append((f"{kind} s{seed} scratch", rec.get("scratch_run")))
-    L.append("Training throughput (images/s, the run's own measurement): " + ", ".join(
-        f"{name} {r['img_per_s']:.0f}" for name, r in runs if r and r.get("img_per_s")))
+        rows.append((f"{kind}: distill (all pairs)", [p for rec in per_seed.values() for p in rec["pairs"].values()]))
+        rows.append((f"{kind}: fine-tune", [rec.get("finetune_run") for rec in per_seed.values()]))
+        rows.append((f"{kind}: scratch", [rec.get("scratch_run") for rec in per_seed.values()]))
+        rows.append((f"{kind}: evaluate", [rec.get(w) for rec in per_seed.values() for w in ("finetune", "scratch")]))
+    total = 0.0
+    for name, recs in rows:
+        recs = [r for r in recs if r]
+        sec = sum(float(r.get("seconds", 0.0)) for r in recs)
+        total += sec
+        ips = sorted(float(r["img_per_s"]) for r in recs if r.get("img_per_s"))
+        L.append(f"| {name} | {len(recs)} | {sec:.0f} | {ips[len(ips) // 2]:.0f} |" if ips else
+                 f"| {name} | {len(recs)} | {sec:.0f} | – |")
+    L.append(f"| **all phases (sequential sum)** | | **{total:.0f}** | |")
+    L.append("")
+    L.append(f"Wall time of this call: {wall:.0f} s ({wall / 60:.1f} min)" + (
+        f", with {jobs} worker processes in parallel" if jobs > 1 else "") + ". Calls of `reproduce` on this run "
+             "directory so far (wall seconds, phases run / found done):")
+    L.append("")
+    for rec in _history(pipe.root):
+        L.append(f"- {rec.get('start')}: {rec.get('wall_s', 0):.0f} s, {rec.get('ran', '?')} run / {rec.get('skipped', '?')} done")
     L.append("")
     text = "\n".join(L) + "\n"
     path = pipe.root / "REPORT.md"
@@ -313,6 +324,18 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 
         for png in fig_dir.glob("*.png"):
             shutil.copy2(png, rd / "figures" / png.name)
     return path
+
+
+def _history(root: Path) -> list:
+    p = Path(root) / "reproduce_log.jsonl"
+    out = []
+    if p.is_file():
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 def _pct(v):
