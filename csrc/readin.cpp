@@ -137,7 +137,7 @@ M2_ALWAYS_INLINE void readin_bwd_body(const ReadinArgs<T>& a, int64_t b0, int64_
   const int64_t R = a.U * a.H, V = a.V, Din = a.Din, H = a.H;
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>(R, kReadinBlockElems / std::max<int64_t>(V, 1)));
   std::vector<T> qf(static_cast<size_t>(block * Din)), p(static_cast<size_t>(block * V)),
-      dp(static_cast<size_t>(block * V)), dq(static_cast<size_t>(block * Din)), drow(static_cast<size_t>(block));
+      dp(static_cast<size_t>(block * V)), dq(static_cast<size_t>(block * Din));
   T* dsk = a.dsk_acc + at::get_thread_num() * a.U * Din;
   T* dsv = a.dsv_acc + at::get_thread_num() * a.U * Din;
   for (int64_t b = b0; b < b1; ++b) {
@@ -149,7 +149,7 @@ M2_ALWAYS_INLINE void readin_bwd_body(const ReadinArgs<T>& a, int64_t b0, int64_
       const T* ab = a.a + off * Din;
       T* gb = a.g + off * Din;  // becomes dA
       T* mp = a.mp + off * Din;
-      // A ⊙ s_v (for dW_v), ds_v += G ⊙ A, dA = G ⊙ s_v, D = rowsum(dA ⊙ A)
+      // A ⊙ s_v (for dW_v), ds_v += G ⊙ A, dA = G ⊙ s_v
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t u = (r0 + r) / H;
         const T* sv = a.s_v + u * Din;
@@ -157,16 +157,13 @@ M2_ALWAYS_INLINE void readin_bwd_body(const ReadinArgs<T>& a, int64_t b0, int64_
         const T* ar = ab + r * Din;
         T* gr = gb + r * Din;
         T* mr = mp + r * Din;
-        T D = 0;
-#pragma omp simd reduction(+ : D)
+#pragma omp simd
         for (int64_t d = 0; d < Din; ++d) {
-          const T av = ar[d], gv = gr[d], da = gv * sv[d];
+          const T av = ar[d], gv = gr[d];
           mr[d] = av * sv[d];
           dsvu[d] += gv * av;
-          gr[d] = da;
-          D += da * av;
+          gr[d] = gv * sv[d];
         }
-        drow[r] = D;
       }
       fold_queries(a, a.tk + off * Din, r0, rows, qf.data());
       gemm(qf.data(), false, Din, xb, true, Din, p.data(), V, rows, V, Din, false);  // S = Q' xᵀ
@@ -175,7 +172,9 @@ M2_ALWAYS_INLINE void readin_bwd_body(const ReadinArgs<T>& a, int64_t b0, int64_
         T* pr = p.data() + r * V;
         T* dpr = dp.data() + r * V;
         exp_shift_sum(pr, V, a.lse[off + r]);  // P = exp(S - lse)
-        const T D = drow[r];
+        T D = 0;  // Σ_v P dP (= rowsum(dA ⊙ A), computed as softmax's backward does)
+#pragma omp simd reduction(+ : D)
+        for (int64_t v = 0; v < V; ++v) D += pr[v] * dpr[v];
 #pragma omp simd
         for (int64_t v = 0; v < V; ++v) dpr[v] = pr[v] * (dpr[v] - D);  // dS
       }
