@@ -54,83 +54,124 @@ def _interpreting() -> bool:
 
 
 def din_pieces(din: int) -> tuple[int, int]:
-    """The two power-of-two column pieces (DA, DB) covering Din (DB = 0 when DA covers it):
-    DA = the largest power of two ≤ Din (at least 16), DB = the next power of two ≥ Din − DA
-    (at least 16). 320 → (256, 64), 256 → (256, 0), 48 → (32, 16), 8 → (16, 0)."""
+    """The two power-of-two column pieces (DA, DB) covering Din, DB = 0 when DA alone does.
+
+    DA = the largest power of two ≤ Din (at least 16); the rest goes to DB ∈ {DA/4, DA/2} (at
+    least 16), or, when it is larger than DA/2, Din takes one piece of 2·DA. So every Din maps to
+    one of a few variants, each checked with ptxas (see VERIFIED): 320 → (256, 64), 256 →
+    (256, 0), 384 → (256, 128), 192 → (128, 64), 48 → (32, 16), 8 → (16, 0); 272 → (256, 64)
+    and 400 → (512, 0) pad with masked columns."""
     if din < 1 or din > MAX_DIN:
         raise ValueError(f"readin kernels: Din must be in [1, {MAX_DIN}], got {din}")
     da = max(16, 1 << (din.bit_length() - 1))
     rest = din - da
-    db = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
-    return da, db
+    if rest <= 0:
+        return da, 0
+    for db in (max(16, da // 4), max(16, da // 2)):
+        if rest <= db and db < da:
+            return da, db
+    return 2 * da, 0
 
 
 # --------------------------------------------------------------------------------------------
-# autotune configurations: explicit and small; pruned by the Din pieces (see _prune_*). Under the
-# interpreter one tiny config, so tests exercise several tiles and ragged edges on tiny shapes.
+# Configurations. Candidates per kernel and dtype class, (BLOCK_M, BLOCK_N, num_warps,
+# num_stages); VERIFIED lists, per (kernel, target, dtype class, DA, DB), the candidates that
+# compile for that GPU target without a single spilled register and within its shared memory,
+# with the shared memory they need — produced by `python -m m2mkd_fast.kernels.readin --verify`
+# (ptxas -v on the PTX Triton emits for sm_80 / sm_90a). The autotuner only ever sees verified
+# configs; a (target, dtype, Din) with none runs on the torch backend instead (supported()).
+# Why these shapes: on sm_90 a warp group's wgmma tile is 64 rows, and Triton gives a dot whose
+# result feeds another dot all warps along M, so the S tile has BLOCK_M = 64 rows per 4 warps
+# (the backward's S/dP tile has 2·BLOCK_M rows: dO and Q' interleaved); the fp32 accumulator,
+# BLOCK × Din, is what bounds the rest. Under the interpreter one tiny config, so tests cover
+# several tiles and ragged edges on tiny shapes.
 # --------------------------------------------------------------------------------------------
 def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-if _interpreting():
-    FWD_CONFIGS = [_cfg(16, 16, 1, 1)]
-    DQ_CONFIGS = [_cfg(16, 16, 1, 1)]
-    DX_CONFIGS = [_cfg(16, 16, 1, 1)]
-else:
-    # (BLOCK_M, BLOCK_N, warps, stages). Register budget: the fp32 accumulator is BLOCK_M × Din
-    # (BLOCK_N × Din for dX); _max_tile bounds it per warp count so nothing spills.
-    FWD_CONFIGS = [
-        _cfg(128, 64, 8, 2),
-        _cfg(128, 32, 8, 2),
-        _cfg(64, 64, 4, 2),
-        _cfg(64, 32, 4, 2),
-        _cfg(64, 64, 8, 2),
-        _cfg(32, 32, 4, 2),
-    ]
-    DQ_CONFIGS = [
-        _cfg(128, 64, 8, 2),
-        _cfg(64, 64, 4, 2),
-        _cfg(64, 32, 4, 2),
-        _cfg(64, 64, 8, 2),
-        _cfg(32, 32, 4, 2),
-    ]
-    DX_CONFIGS = [
-        _cfg(128, 64, 8, 2),
-        _cfg(64, 128, 8, 2),
-        _cfg(64, 64, 4, 2),
-        _cfg(32, 64, 4, 2),
-        _cfg(64, 64, 8, 2),
-        _cfg(32, 32, 4, 2),
-    ]
+CANDIDATES = {
+    ("fwd", "bf16"): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    ("dq", "bf16"): [(64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+    ("dx", "bf16"): [(64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1)],
+    # fp32 dots are FMA loops ("ieee": fp32-accurate, no tensor cores); they fit registers only
+    # in small tiles and small Din (larger Din: the torch backend's cuBLAS fp32 is faster anyway)
+    ("fwd", "fp32"): [(32, 32, 4, 1), (16, 16, 4, 1)],
+    ("dq", "fp32"): [(16, 32, 4, 1), (16, 16, 4, 1)],
+    ("dx", "fp32"): [(16, 32, 4, 1), (16, 16, 4, 1)],
+}
+VARIANTS = {
+    "bf16": [(16, 0), (32, 0), (32, 16), (64, 0), (64, 16), (64, 32), (128, 0), (128, 32), (128, 64),
+             (256, 0), (256, 64), (256, 128), (512, 0)],
+    "fp32": [(16, 0), (32, 0), (32, 16), (64, 0), (64, 16), (64, 32), (128, 0)],
+}
+TARGETS = (80, 90)
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-# Largest "accumulator rows × Din-columns" (fp32 elements) a config may hold per warp, and the
-# same for the streamed tile, checked with ptxas for sm_80/sm_90a (see tests/test_triton_readin).
-_ACC_PER_WARP = {"fwd": 64 * 320 // 4 * 2, "dq": 64 * 256 // 4, "dx": 64 * 256 // 4}
+# (kind, target, dtype class, DA, DB) -> ((BLOCK_M, BLOCK_N, warps, stages, shared bytes), ...)
+# generated by `python -m m2mkd_fast.kernels.readin --verify` (Triton 3.8.0); do not edit by hand
+VERIFIED = {}
 
 
-def _fits(kind: str, acc_rows: int, stream_rows: int, din_cols: int, warps: int, elem_bytes: int) -> bool:
-    if acc_rows * din_cols > _ACC_PER_WARP[kind] * warps:
+def _configs(kind: str) -> list:
+    if _interpreting():
+        return [_cfg(16, 16, 1, 1)]
+    seen = []
+    for dtype in ("bf16", "fp32"):
+        for c in CANDIDATES[(kind, dtype)]:
+            if c not in seen:
+                seen.append(c)
+    return [_cfg(*c) for c in seen]
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "bf16"  # fp16 has bf16's sizes
+
+
+def _device_target(device: torch.device) -> tuple[Optional[int], int]:
+    """(the verified target whose table applies, the device's shared memory per block)."""
+    major, _ = torch.cuda.get_device_capability(device)
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index if device.index is not None
+                                                                      else torch.cuda.current_device())
+    smem = int(props["max_shared_mem"])
+    if major == 8:
+        return 80, smem
+    if major >= 9:  # sm_90 tables; newer targets are not verified separately
+        return 90, smem
+    return None, smem
+
+
+def _verified_configs(kind: str, device: torch.device, dtype: torch.dtype, da: int, db: int) -> list:
+    target, smem = _device_target(device)
+    if target is None:
+        return []
+    entries = VERIFIED.get((kind, target, _dtype_class(dtype), da, db), ())
+    return [e[:4] for e in entries if e[4] <= smem]
+
+
+def supported(device: torch.device, dtype: torch.dtype, din: int) -> bool:
+    """Whether the kernels run (op, device, dtype, Din) with verified configs: always under the
+    interpreter; on CUDA when every kernel has a spill-free config for this target and Din."""
+    if din < 1 or din > MAX_DIN or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    # shared memory: the streamed tile(s), double buffered, plus the resident operand tiles
-    resident = {"fwd": 1, "dq": 2, "dx": 1}[kind]
-    streamed = {"fwd": 1, "dq": 1, "dx": 2}[kind]
-    smem = (2 * streamed * stream_rows + resident * acc_rows) * din_cols * elem_bytes
-    return smem <= 160 * 1024  # below sm_80's 163 KiB per block
+    if _interpreting():
+        return True
+    if torch.device(device).type != "cuda":
+        return False
+    da, db = din_pieces(din)
+    return all(_verified_configs(kind, torch.device(device), dtype, da, db) for kind in ("fwd", "dq", "dx"))
 
 
 def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        da, db = args["DA"], args["DB"] if args["HAS_B"] else 0
-        elem = args["X"].element_size() if not args["DOT_FP32"] else 4
-        keep = []
-        for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            acc, stream = (bn, bm) if kind == "dx" else (bm, bn)
-            if _fits(kind, acc, stream, da + db, c.num_warps, elem):
-                keep.append(c)
-        return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        if _interpreting():
+            return configs[:1]
+        x = args["X"]
+        allowed = _verified_configs(kind, x.device, x.dtype, args["DA"], args["DB"] if args["HAS_B"] else 0)
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+        # nothing verified (a caller that skipped supported()): the smallest tile, correct but slow
+        return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
 
     return prune
 
@@ -146,7 +187,7 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["R", "N", "D"], prune_configs_by={"early_config_prune": _pruner("fwd")})
+@triton.autotune(configs=_configs("fwd"), key=["R", "N", "D"], prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _readin_fwd(
     Q, X, O, STATS,
@@ -231,7 +272,7 @@ def _unpair(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(t, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=["R", "N", "D"], prune_configs_by={"early_config_prune": _pruner("dq")})
+@triton.autotune(configs=_configs("dq"), key=["R", "N", "D"], prune_configs_by={"early_config_prune": _pruner("dq")})
 @triton.jit
 def _readin_bwd_dq(
     PAIR, X, O, STATS, DELTA, DQ,
@@ -307,7 +348,7 @@ def _readin_bwd_dq(
         tl.store(dq_ptr + offs_b[None, :], dqb.to(DQ.dtype.element_ty), mask=mask_mb)
 
 
-@triton.autotune(configs=DX_CONFIGS, key=["R", "N", "D", "ROWS_PER_SPLIT"],
+@triton.autotune(configs=_configs("dx"), key=["R", "N", "D", "ROWS_PER_SPLIT"],
                  prune_configs_by={"early_config_prune": _pruner("dx")})
 @triton.jit
 def _readin_bwd_dx(
@@ -500,3 +541,129 @@ def readin_bwd(
 def reference_scale(head_dim: int) -> float:
     """The read-in's softmax scale 1/√C, C the ORIGINAL head dim (not Din)."""
     return 1.0 / math.sqrt(head_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compilation (m2mkd_fast.kernels.report) and the verification of the config table
+# --------------------------------------------------------------------------------------------
+_KERNEL_NAMES = {"fwd": "readin_fwd", "dq": "readin_bwd_dq", "dx": "readin_bwd_dx"}
+_FP32_POINTERS = {"STATS", "DELTA"}
+
+
+def _aot_kernel(kind: str):
+    return {"fwd": _readin_fwd, "dq": _readin_bwd_dq, "dx": _readin_bwd_dx}[kind]
+
+
+def _aot_spec(kind: str, dtype: str, da: int, db: int, config: tuple, capabilities=TARGETS, dx_partial: bool = False):
+    """A KernelSpec (m2mkd_fast.kernels.aot) of one kernel, dtype, Din variant and config, typed
+    as the JIT sees contiguous tensors: every stride and D multiples of 16, R and N not."""
+    import dataclasses
+
+    from .aot import KernelSpec, jit_function
+
+    @dataclasses.dataclass(frozen=True)
+    class ReadinSpec(KernelSpec):
+        capabilities: tuple = TARGETS  # the GPU targets this config is meant (and verified) for
+
+    fn = jit_function(_aot_kernel(kind))
+    bm, bn, warps, stages = config
+    constexprs = dict(DA=da, DB=max(db, 16), HAS_B=db > 0, BLOCK_M=bm, BLOCK_N=bn, DOT_FP32=False,
+                      PRECISION="ieee" if dtype == "fp32" else "tf32")
+    signature, divisible = {}, []
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _FP32_POINTERS or (name == "DX" and dx_partial):
+            signature[name] = "*fp32"
+        elif name.isupper() and name not in ("R", "N", "D", "ROWS_PER_SPLIT"):
+            signature[name] = f"*{dtype}"
+        elif "scale" in name:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") or name in ("D", "ROWS_PER_SPLIT"):
+                divisible.append(name)
+    label = f"Din={da}+{db}" if db else f"Din={da}"
+    label += f",BM={bm},BN={bn},w{warps},s{stages}" + (",fp32 partials" if dx_partial else "")
+    return ReadinSpec(_KERNEL_NAMES[kind], fn, signature, constexprs, dtype, warps, stages, label, True,
+                      tuple(divisible), tuple(capabilities))
+
+
+def aot_specs() -> list:
+    """KernelSpecs of every verified (kernel, dtype, Din variant, config), each with the targets
+    it is verified for (``.capabilities``); those verified for both sm_80 and sm_90a come first
+    per kernel and dtype. Plus the dX kernel writing fp32 split partials at the NAC shapes."""
+    both, single = [], []
+    grouped = {}
+    for (kind, target, dtype, da, db), entries in VERIFIED.items():
+        for e in entries:
+            grouped.setdefault((kind, dtype, da, db, e[:4]), []).append(target)
+    for (kind, dtype, da, db, config), targets in sorted(grouped.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
+        spec = _aot_spec(kind, dtype, da, db, config, tuple(sorted(targets)))
+        (both if len(targets) == len(TARGETS) else single).append(spec)
+    extra = []
+    for da, db in ((256, 0), (256, 64)):
+        for target in TARGETS:
+            for e in VERIFIED.get(("dx", target, "bf16", da, db), ())[:1]:
+                extra.append(_aot_spec("dx", "bf16", da, db, e[:4], (target,), dx_partial=True))
+    return both + single + extra
+
+
+def _verify_one(job):
+    """(job, shared bytes or None, problems found, info) for one (kind, dtype, variant, config, target)."""
+    kind, dtype, (da, db), config, target = job
+    from .aot import compile_spec, problems
+
+    spec = _aot_spec(kind, dtype, da, db, config, (target,))
+    try:
+        result = compile_spec(spec, target)
+    except Exception as err:  # noqa: BLE001 - a failed compile just is not verified
+        return job, None, [f"compile failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"], ""
+    issues = problems(result)
+    if result.shared_bytes > SHARED_LIMIT[target] and not any("shared" in i for i in issues):
+        issues.append(f"shared memory {result.shared_bytes} B")
+    return job, result.shared_bytes, issues, f"regs {result.registers}, {result.seconds:.1f}s"
+
+
+def verify_table(workers: int = 1, log=print) -> dict:
+    """Compile every candidate for every variant and target; return the VERIFIED table."""
+    jobs = [(kind, dtype, variant, config, target)
+            for dtype in ("bf16", "fp32") for variant in VARIANTS[dtype] for kind in ("fwd", "dq", "dx")
+            for config in CANDIDATES[(kind, dtype)] for target in TARGETS]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = list(pool.imap_unordered(_verify_one, jobs))
+    else:
+        results = [_verify_one(job) for job in jobs]
+    table = {}
+    for job, shared, issues, info in results:
+        log(f"{job}: shared={shared} {'; '.join(issues) or 'ok'} ({info})")
+        if shared is not None and not issues:
+            kind, dtype, (da, db), config, target = job
+            table.setdefault((kind, target, dtype, da, db), []).append((*config, shared))
+    return {key: tuple(sorted(v, key=lambda e: CANDIDATES[(key[0], key[2])].index(e[:4])))
+            for key, v in sorted(table.items())}
+
+
+def _format_table(table: dict) -> str:
+    lines = ["VERIFIED = {"]
+    for key, entries in table.items():
+        lines.append(f"    {key!r}: {tuple(entries)!r},")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Verify the read-in kernels' autotune configs with ptxas (sm_80, sm_90a)")
+    parser.add_argument("--verify", action="store_true", help="compile every candidate; print the VERIFIED table")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    if args.verify:
+        if _interpreting():
+            sys.exit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real kernels")
+        print(_format_table(verify_table(args.workers, log=lambda m: print(m, file=sys.stderr, flush=True))))

@@ -218,7 +218,15 @@ def test_din_pieces():
     assert kern.din_pieces(256) == (256, 0)
     assert kern.din_pieces(48) == (32, 16)
     assert kern.din_pieces(8) == (16, 0)
-    assert kern.din_pieces(272) == (256, 16)
+    assert kern.din_pieces(384) == (256, 128)
+    assert kern.din_pieces(192) == (128, 64)
+    assert kern.din_pieces(272) == (256, 64)  # padded: few variants, each verified with ptxas
+    assert kern.din_pieces(400) == (512, 0)
+    assert kern.din_pieces(24) == (32, 0)
+    for din in range(1, kern.MAX_DIN + 1):  # every Din maps to a listed variant that covers it
+        da, db = kern.din_pieces(din)
+        assert (da, db) in kern.VARIANTS["bf16"] and da + db >= din
+        assert db == 0 or da < din  # a second piece only once the first is full
     assert kern.din_pieces(512) == (512, 0)
     with pytest.raises(ValueError, match="Din"):
         kern.din_pieces(kern.MAX_DIN + 16)
