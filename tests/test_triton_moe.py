@@ -184,6 +184,19 @@ def test_noncontiguous_inputs():
             torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=f"{label}: grad {n}")
 
 
+@pytest.mark.parametrize("wanted", [("x",), ("weight",), ("w1", "b2"), ("w2",)])
+def test_only_the_requested_gradients(wanted):
+    tensors, r = _problem(29, 8, 16, 3, 2, cf=1.0)
+    grad_out = torch.randn(29, 8, device=DEVICE)
+    results = []
+    for fn in (_triton, ref_moe):
+        leaves = {n: t.float().requires_grad_(n in wanted) for n, t in zip(NAMES, tensors)}
+        y = fn(leaves["x"], r._replace(weight=leaves["weight"]), leaves["w1"], leaves["b1"], leaves["w2"], leaves["b2"], "gelu")
+        results.append(torch.autograd.grad(y, [leaves[n] for n in wanted], grad_out))
+    for n, g, g_ref in zip(wanted, *results):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=f"grad {n}")
+
+
 def test_results_are_deterministic():
     tensors, r = _problem(45, 16, 24, 3, 2, cf=1.0)
     grad_out = torch.randn(45, 16, dtype=torch.float64, device=DEVICE)

@@ -188,3 +188,13 @@ def test_route_does_not_synchronise_the_host():
             r.weight.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_through_ops_layer():
+    from m2mkd_fast import ops
+
+    logits = torch.randn(30, 5, device=DEVICE)
+    r = ops.route(logits, 2, gate="vmoe", capacity_factor=1.0, batch_priority=True, group_size=10, backend="triton")
+    ref = ref_route(logits, 2, "vmoe", 1.0, True, 10)
+    assert torch.equal(r.expert, ref.expert) and torch.equal(r.slot, ref.slot) and torch.equal(r.counts, ref.counts)
+    assert r.capacity == ref.capacity
