@@ -237,6 +237,32 @@ def test_through_ops_layer():
     torch.testing.assert_close(y, ref_moe(x, r._replace(weight=weight), w1, b1, w2, b2), rtol=1e-5, atol=1e-5)
 
 
+def test_traces_with_torch_compile_fullgraph():
+    # aot_eager: dynamo + AOTAutograd trace through the custom ops' fake implementations and
+    # autograd registrations (route and moe_mlp) in one graph, without inductor's compile cost
+    from m2mkd_fast.triton_backend.routing import route
+
+    tensors, _ = _problem(24, 8, 16, 3, 2)
+    x, _, w1, b1, w2, b2 = [t.float() for t in tensors]
+    logits = torch.randn(24, 3, device=DEVICE)
+
+    def layer(x, logits, w1, b1, w2, b2):
+        r = route(logits, 2, "vmoe", 1.0, True, 8)
+        return tb.moe_mlp(x, r, w1, b1, w2, b2, "gelu_tanh"), r.counts
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    outs = []
+    for fn in (layer, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, logits, w1, b1, w2, b2)]
+        y, counts = fn(*leaves)
+        outs.append((y, counts, torch.autograd.grad(y.square().sum(), leaves)))
+    (y, counts, grads), (y_c, counts_c, grads_c) = outs
+    torch.testing.assert_close(y_c, y)
+    assert torch.equal(counts_c, counts)
+    for g, g_c in zip(grads, grads_c):
+        torch.testing.assert_close(g_c, g)
+
+
 def test_rejects_unknown_activation():
     tensors, r = _problem(3, 8, 8, 2, 1)
     x, weight, w1, b1, w2, b2 = [t.float() for t in tensors]
