@@ -1,4 +1,4 @@
-"""Kernel-modulated graph attention (DESIGN §2.4): oracle, torch backend, the op's checks."""
+"""Kernel-modulated graph attention (DESIGN §2.4): oracle, every CPU backend (torch, cpp, triton interpreted), the op's checks."""
 
 import math
 
@@ -23,6 +23,28 @@ MODES = {
     "threshold": dict(threshold=True),
     "dense": dict(truncation=None),
 }
+
+# Every backend that runs on CPU tensors here: torch, cpp when the extension is built, triton under
+# TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA). The interpreter costs seconds per
+# call, so triton runs only on TRITON_SHAPES and small cases (tests/test_triton_graph.py covers it
+# in depth); it has no float64 kernels, so the float64 tests run the others (FLOAT64_IMPLS).
+BACKENDS = mk.available_backends("cpu")
+TRITON_SHAPES = {(3, 1, 1, 59, 5)}
+FLOAT64_IMPLS = ["oracle"] + [b for b in BACKENDS if b != "triton"]
+
+
+def _backend(name):
+    """The op pinned to one backend (through ops.graph_attention: its checks, then the backend)."""
+
+    def fn(*args, **kwargs):
+        return mk.ops.graph_attention(*args, backend=name, **kwargs)
+
+    return fn
+
+
+def _implementation(name):
+    return ref_graph if name == "oracle" else _backend(name)
+
 
 
 def _inputs(batch, heads, receivers, senders, head_dim, sig_dim=16, dtype=torch.float64, seed=0, beta=0.8):
@@ -58,7 +80,8 @@ def test_log_affinity_hand_computed_with_ties():
     assert not thr.requires_grad
 
 
-def test_attention_hand_computed():
+@pytest.mark.parametrize("impl", FLOAT64_IMPLS)
+def test_attention_hand_computed(impl):
     # one receiver, three senders, one head, C = 4: scores q·k/2 plus the kernel bias
     sig_r = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     sig_s = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)  # dist 0, 0.293, 1
@@ -70,19 +93,19 @@ def test_attention_hand_computed():
     logits = torch.tensor([1.0 - 0.0, 2.0 - d1], dtype=torch.float64)  # the third sender is truncated
     a = torch.softmax(logits, 0)
     expected = torch.tensor([a[0], a[1], 0.0, 0.0], dtype=torch.float64)
-    for fn in (ref_graph, torch_graph):
-        torch.testing.assert_close(fn(q, k, v, sig_r, sig_s, beta).reshape(4), expected, rtol=0, atol=1e-14)
+    fn = _implementation(impl)
+    torch.testing.assert_close(fn(q, k, v, sig_r, sig_s, beta).reshape(4), expected, rtol=0, atol=1e-14)
     # no truncation: the third sender joins with bias −1
     a3 = torch.softmax(torch.tensor([1.0, 2.0 - d1, 0.0 - 1.0], dtype=torch.float64), 0)
-    for fn in (ref_graph, torch_graph):
-        out = fn(q, k, v, sig_r, sig_s, beta, truncation=None).reshape(4)
-        torch.testing.assert_close(out, torch.cat([a3, a3.new_zeros(1)]), rtol=0, atol=1e-14)
+    out = fn(q, k, v, sig_r, sig_s, beta, truncation=None).reshape(4)
+    torch.testing.assert_close(out, torch.cat([a3, a3.new_zeros(1)]), rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("fn", [ref_graph, torch_graph], ids=["oracle", "torch"])
-def test_sampled_bias_follows_the_shared_stream(fn):
+@pytest.mark.parametrize("impl", FLOAT64_IMPLS)
+def test_sampled_bias_follows_the_shared_stream(impl):
     """Recover the bias from the attention weights (q = 0, one-hot values) and rebuild it by hand
     from philox_uniform at offsets (b·U + u)·V + v: checks the stream, the offsets and the formula."""
+    fn = _implementation(impl)
     batch, receivers, senders, heads, seed, t = 2, 3, 5, 2, 987654321987, 0.5
     sig_r = torch.randn(receivers, 8, dtype=torch.float64)
     sig_s = torch.randn(senders, 8, dtype=torch.float64)
@@ -104,7 +127,7 @@ def test_sampled_bias_follows_the_shared_stream(fn):
                 torch.testing.assert_close(log_a - log_a[0], bias - bias[0], rtol=0, atol=1e-10)
 
 
-# ---------------------------------------------------------------- torch backend vs the oracle
+# ---------------------------------------------------------------- every backend vs the oracle
 
 SHAPES = [  # B, H, U, V, C
     (2, 3, 59, 111, 8),
@@ -132,14 +155,18 @@ def _grad_atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("shape", SHAPES)
-def test_torch_backend_matches_oracle_forward_and_all_grads(shape, mode, dtype):
+@pytest.mark.parametrize(
+    "backend,shape",
+    [(b, s) for b in BACKENDS for s in SHAPES if b != "triton" or s in TRITON_SHAPES],
+    ids=lambda p: p if isinstance(p, str) else "x".join(map(str, p)),
+)
+def test_backend_matches_oracle_forward_and_all_grads(backend, shape, mode, dtype):
     kwargs = MODES[mode]
     base = _inputs(*shape, dtype=dtype, seed=sum(shape))
     leaves64, leaves_ref, leaves = _leaves(base, torch.float64), _leaves(base, dtype), _leaves(base, dtype)
     out64 = ref_graph(*leaves64, **kwargs)
     out_ref = ref_graph(*leaves_ref, **kwargs)
-    out = torch_graph(*leaves, **kwargs)
+    out = _backend(backend)(*leaves, **kwargs)
     assert out.dtype == dtype
     assert_close_to_reference(out, out64, out_ref, name=f"o ({mode})")
     grad = torch.randn_like(out64)
@@ -208,8 +235,9 @@ def test_dense_noise_path_equals_the_kept_edge_path(monkeypatch):
 # ---------------------------------------------------------------- sampling properties
 
 
-@pytest.mark.parametrize("fn", [ref_graph, torch_graph], ids=["oracle", "torch"])
-def test_sampling_reproducible_same_over_heads_fresh_per_batch_element(fn):
+@pytest.mark.parametrize("impl", FLOAT64_IMPLS)
+def test_sampling_reproducible_same_over_heads_fresh_per_batch_element(impl):
+    fn = _implementation(impl)
     q, k, v, sig_r, sig_s, beta = _inputs(1, 1, 6, 10, 4)
     heads, batch = 3, 2
     q, k, v = (t.expand(batch, heads, -1, -1) for t in (q, k, v))  # identical heads and batch elements
@@ -234,25 +262,87 @@ def test_seed_clamp_difference_is_bounded():
     assert 0 < diff < 1e-5
 
 
-def test_empty_rows_give_zero_output_and_zero_grads():
+def _dtypes(impl):
+    """float32 everywhere, float64 where the implementation has it (Triton has no float64 kernels)."""
+    return (torch.float32,) if impl == "triton" else (torch.float32, torch.float64)
+
+
+EMPTY_MODES = {"no_sample": dict(), "sample": dict(temperature=0.5, seed=1), "threshold": dict(threshold=True)}
+
+
+def _unrelated_signatures(receivers, senders, gen):
+    """Senders in the positive orthant of dims 0-3; receivers orthogonal to every sender (dims 4-7,
+    distance 1) or, every other one, the negation of a sender (distance 2 to it, ≥ 1 to the
+    others): with truncation 0.9 no receiver has an edge."""
+    sig_s = torch.zeros(senders, 8, dtype=torch.float64)
+    sig_s[:, :4] = torch.randn(senders, 4, generator=gen, dtype=torch.float64).abs() + 0.1
+    sig_r = torch.zeros(receivers, 8, dtype=torch.float64)
+    sig_r[:, 4:] = torch.randn(receivers, 4, generator=gen, dtype=torch.float64)
+    sig_r[::2] = -sig_s[torch.arange(0, receivers, 2) % senders]
+    return sig_r, sig_s
+
+
+@pytest.mark.parametrize("mode", list(EMPTY_MODES))
+@pytest.mark.parametrize("impl", ["oracle"] + BACKENDS)
+def test_some_rows_empty_give_zero_output_and_zero_grads(impl, mode):
+    """Receivers 0, 1 sit on a sender (distance 0); receivers 2.. have no edge at all. Empty rows
+    must not change anything else: rows 0, 1 and dk, dv, dσ_s, dβ equal those of the problem
+    with receivers 0, 1 only (deterministic modes; sampling draws per (b, u) offset, which
+    depends on U)."""
+    fn, kwargs = _implementation(impl), EMPTY_MODES[mode]
     batch, heads, receivers, senders, c = 2, 3, 6, 5, 4
+    gen = torch.Generator().manual_seed(4)
     q, k, v, _, _, beta = _inputs(batch, heads, receivers, senders, c, seed=4)
-    sig_s = torch.randn(senders, 8, dtype=torch.float64)
-    sig_r = torch.randn(receivers, 8, dtype=torch.float64)
-    sig_r[:2] = sig_s[:2]  # receivers 0, 1 have an edge (distance 0); truncation 0.05 leaves the rest empty
-    for fn in (ref_graph, torch_graph):
-        for kwargs in (dict(), dict(temperature=0.5, seed=1), dict(threshold=True)):
-            leaves = _leaves([q, k, v, sig_r, sig_s, beta], torch.float32)
-            out = fn(*leaves, truncation=0.05, **kwargs)
-            assert torch.isfinite(out).all()
-            assert torch.count_nonzero(out[:, :, 2:]) == 0 and torch.count_nonzero(out[:, :, :2]) > 0
-            out.square().sum().backward()
-            for name, t in zip(NAMES, leaves):
-                assert t.grad is None or torch.isfinite(t.grad).all(), name
-            assert torch.count_nonzero(leaves[0].grad[:, :, 2:]) == 0
-            # all rows empty: all zeros, still no NaN
-            out = fn(*leaves, truncation=1e-6 if kwargs else 0.05, **kwargs)[:, :, 2:]
-            assert torch.isfinite(out).all() and torch.count_nonzero(out) == 0
+    sig_r, sig_s = _unrelated_signatures(receivers, senders, gen)
+    sig_r[:2] = sig_s[:2]
+    for dtype in _dtypes(impl):
+        leaves = _leaves([q, k, v, sig_r, sig_s, beta], dtype)
+        out = fn(*leaves, **kwargs)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert torch.count_nonzero(out[:, :, 2:]) == 0 and torch.count_nonzero(out[:, :, :2]) == out[:, :, :2].numel()
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+        for name, g in zip(NAMES, grads):
+            assert g is None or torch.isfinite(g).all(), name
+        assert torch.count_nonzero(grads[0][:, :, 2:]) == 0 and torch.count_nonzero(grads[0][:, :, :2]) > 0
+        assert grads[3] is None or torch.count_nonzero(grads[3][2:]) == 0
+        if mode == "sample" or dtype != _dtypes(impl)[-1]:
+            continue
+        tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        sub = _leaves([q[:, :, :2], k, v, sig_r[:2], sig_s, beta], dtype)
+        out_sub = fn(*sub, **kwargs)
+        torch.testing.assert_close(out[:, :, :2], out_sub, **tol)
+        grads_sub = torch.autograd.grad(out_sub, sub, grad[:, :, :2], allow_unused=True)
+        for name, g, g_sub in zip(NAMES[1:], grads[1:], grads_sub[1:]):
+            if name == "sig_r":
+                g = None if g is None else g[:2]
+            if g is None or g_sub is None:  # threshold mode: no gradient to σ, β
+                assert mode == "threshold" and name in ("sig_r", "sig_s", "bandwidth"), name
+                assert g is None or torch.count_nonzero(g) == 0, name
+                continue
+            torch.testing.assert_close(g, g_sub, **tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", list(EMPTY_MODES))
+@pytest.mark.parametrize("impl", ["oracle"] + BACKENDS)
+def test_all_rows_empty_give_zero_output_and_zero_grads(impl, mode):
+    fn, kwargs = _implementation(impl), EMPTY_MODES[mode]
+    batch, heads, receivers, senders, c = 2, 3, 6, 5, 4
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, _, _, beta = _inputs(batch, heads, receivers, senders, c, seed=7)
+    sig_r, sig_s = _unrelated_signatures(receivers, senders, gen)
+    dist = 1 - F.normalize(sig_r, dim=-1) @ F.normalize(sig_s, dim=-1).t()
+    assert dist.min() > 0.9  # no edge anywhere (default truncation 0.9)
+    for dtype in _dtypes(impl):
+        leaves = _leaves([q, k, v, sig_r, sig_s, beta], dtype)
+        out = fn(*leaves, **kwargs)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert torch.isfinite(out).all() and torch.count_nonzero(out) == 0
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+        for name, g in zip(NAMES, grads):
+            assert g is not None or name in ("sig_r", "sig_s", "bandwidth"), name
+            assert g is None or (torch.isfinite(g).all() and torch.count_nonzero(g) == 0), name
 
 
 def test_threshold_mode_gives_signatures_and_bandwidth_no_gradient():
@@ -271,8 +361,9 @@ def test_threshold_mode_gives_signatures_and_bandwidth_no_gradient():
 @pytest.mark.parametrize("kwargs", [dict(), dict(temperature=0.5, seed=11), dict(truncation=None)], ids=["ell", "sample", "dense"])
 def test_gradcheck_float64(kwargs):
     leaves = _leaves(_inputs(2, 1, 3, 5, 2, sig_dim=3, seed=9), torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: torch_graph(*a, **kwargs), tuple(leaves), fast_mode=True)
-    assert torch.autograd.gradcheck(lambda *a: ref_graph(*a, **kwargs), tuple(leaves), fast_mode=True)
+    for impl in FLOAT64_IMPLS:
+        fn = _implementation(impl)
+        assert torch.autograd.gradcheck(lambda *a: fn(*a, **kwargs), tuple(leaves), fast_mode=True), impl
 
 
 def test_gradcheck_float64_through_the_op():

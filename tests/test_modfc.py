@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from m2mkd_fast.layers.modfc import ModFC, ModFFN, code_noise
 from m2mkd_fast.reference.modfc import modfc
+from tolerance import assert_close_to_reference
 
 
 def test_reference_modfc_hand_computed():
@@ -87,15 +88,33 @@ def test_code_noise_bounds_and_gradient():
     assert torch.equal(a, code_noise(code.detach()))
 
 
-def _modffn_by_hand(ffn: ModFFN, x, code):
-    h = F.layer_norm(x, (x.shape[-1],), ffn.norm.weight, ffn.norm.bias, eps=ffn.norm.eps)
-    fc1, fc2 = ffn.fc1, ffn.fc2
-    h = modfc(h, code, fc1.weight, fc1.bias, fc1.code_proj.weight, fc1.gain)
+def _layer_norm_by_hand(x, weight=None, bias=None, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).square().mean(-1, keepdim=True)  # biased, as LayerNorm
+    y = (x - mean) / torch.sqrt(var + eps)
+    return y if weight is None else y * weight + bias
+
+
+def _modfc_by_hand(params: dict, prefix: str, x, code):
+    """W · (x ⊙ (1 + γ · LN(S · c))) + b from the parameters named ``prefix`` + weight, bias, ..."""
+    projected = code @ params[prefix + "code_proj.weight"].t()
+    scale = 1 + params[prefix + "gain"] * _layer_norm_by_hand(projected, eps=1e-5)
+    return (x * scale) @ params[prefix + "weight"].t() + params[prefix + "bias"]
+
+
+def _modffn_by_hand(ffn: ModFFN, x, code, dtype=None):
+    """DESIGN §2.6 written out, in ``dtype`` (default: x's): LN → ModFC(D→2h) → GEGLU (first half
+    the value, exact GELU of the second) → ModFC(h→D) → LayerScale → residual; no DropPath."""
+    dtype = dtype or x.dtype
+    params = {name: p.detach().to(dtype) for name, p in ffn.named_parameters()}
+    x, code = x.detach().to(dtype), code.detach().to(dtype)
+    h = _layer_norm_by_hand(x, params["norm.weight"], params["norm.bias"], eps=ffn.norm.eps)
+    h = _modfc_by_hand(params, "fc1.", h, code)
     hidden = h.shape[-1] // 2
     value, gate = h[..., :hidden], h[..., hidden:]
     h = value * 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2)))  # exact GELU of the second half
-    h = modfc(h, code, fc2.weight, fc2.bias, fc2.code_proj.weight, fc2.gain)
-    return x + ffn.layer_scale.gamma * h
+    h = _modfc_by_hand(params, "fc2.", h, code)
+    return x + params["layer_scale.gamma"] * h
 
 
 def test_modffn_matches_hand_computation():
@@ -103,8 +122,8 @@ def test_modffn_matches_hand_computation():
     assert ffn.fc1.weight.shape == (40, 12) and ffn.fc2.weight.shape == (12, 20)
     torch.testing.assert_close(ffn.layer_scale.gamma, torch.full((12,), 0.1, dtype=torch.float64))
     with torch.no_grad():
-        ffn.layer_scale.gamma.normal_()
-        ffn.fc1.bias.normal_()
+        for p in ffn.parameters():  # every parameter off its initial value: wiring mistakes show
+            p.add_(torch.randn_like(p) * 0.3)
     x = torch.randn(3, 7, 12, dtype=torch.float64)
     code = torch.randn(7, 6, dtype=torch.float64)
     torch.testing.assert_close(ffn(x, code), _modffn_by_hand(ffn, x, code), rtol=0, atol=1e-12)
@@ -112,17 +131,28 @@ def test_modffn_matches_hand_computation():
 
 def test_modffn_backward_and_drop_path():
     ffn = ModFFN(8, 16, 4, drop_path=0.5)
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
     x = torch.randn(16, 5, 8, requires_grad=True)
     code = torch.randn(5, 4, requires_grad=True)
     out = ffn(x, code)
     assert out.shape == x.shape
     out.square().sum().backward()
     for name, p in ffn.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad is not None and torch.isfinite(p.grad).all() and torch.count_nonzero(p.grad) > 0, name
     assert x.grad is not None and code.grad is not None
-    # training: some samples keep only the residual; eval: deterministic, no drop
-    dropped = (out.detach() == x.detach()).flatten(1).all(1)
+    want64 = _modffn_by_hand(ffn, x, code, torch.float64)  # no DropPath
+    want32 = _modffn_by_hand(ffn, x, code, torch.float32)
+    # training: a dropped sample keeps only the residual, a kept one its branch scaled by 1/(1 − 0.5)
+    out = out.detach()
+    dropped = (out == x.detach()).flatten(1).all(1)
     assert dropped.any() and not dropped.all()
+    kept = ~dropped
+    branch = out[kept] - x.detach()[kept]
+    assert_close_to_reference(branch, 2 * (want64 - x.double())[kept], 2 * (want32 - x.detach())[kept], name="kept branch")
+    # eval: no drop, deterministic, the hand computation
     ffn.eval()
-    torch.testing.assert_close(ffn(x, code), ffn(x, code))
-    assert not (ffn(x, code) == x).flatten(1).all(1).any()
+    got = ffn(x, code)
+    assert torch.equal(got, ffn(x, code))
+    assert_close_to_reference(got.detach(), want64, want32, name="eval output")

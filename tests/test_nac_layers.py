@@ -1,5 +1,6 @@
 """NAC's attention layers: ReadInAttention and KernelModulatedAttention (DESIGN §2.3, §2.4)."""
 
+import copy
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from m2mkd_fast.layers import KernelModulatedAttention, ReadInAttention
 from m2mkd_fast.reference.graph import graph_attention as ref_graph
 from m2mkd_fast.reference.modfc import modfc
+from tolerance import TINY_ATOL, assert_close_to_reference
 
 
 def _modfc_of(layer, x, code):
@@ -67,14 +69,23 @@ def test_readin_shapes_parameters_and_backward():
     assert all(t.grad is not None for t in (z, code, x))
 
 
-def test_readin_autocast_bf16():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_readin_autocast_bf16(seed):
+    """The layer's contribution out − z under bf16 autocast against float64, by the tolerance rule:
+    error ≤ 2 × that of the seed formulation run under the same autocast (+ bf16 atol)."""
+    torch.manual_seed(seed)
     layer = ReadInAttention(16, 24, 8, num_heads=2, head_dim=8, backend="torch")
+    _randomise(layer)
     z, code, x = torch.randn(2, 5, 16), torch.randn(5, 8), torch.randn(2, 9, 24)
-    want = layer(z, code, x)
+    layer64 = copy.deepcopy(layer).double()
+    want64 = _readin_seed_form(layer64, z.double(), code.double(), x.double()) - z.double()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = layer(z, code, x)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+        ref = _readin_seed_form(layer, z, code, x)
+    assert got.shape == z.shape and ref.dtype == got.dtype
+    assert_close_to_reference(got - z, want64, ref - z, atol=TINY_ATOL[torch.bfloat16], name="read-in contribution")
+    # the bf16 error is real (autocast did compute in bf16) and the contribution is not tiny
+    assert (ref - z - want64).abs().max() > 1e-4 and want64.abs().max() > 0.5
 
 
 # ---------------------------------------------------------------- kernel-modulated attention
@@ -189,14 +200,34 @@ def test_kma_deterministic_when_temperature_is_none():
     assert torch.equal(layer(*inputs), layer(*inputs))
 
 
-def test_kma_autocast_bf16():
+@pytest.mark.parametrize("mode", ["no_sample", "threshold", "sample", "no_kernel"])
+def test_kma_autocast_bf16(mode):
+    """The contribution out − z_r under bf16 autocast against float64, by the tolerance rule:
+    error ≤ 2 × that of the by-hand computation (oracle graph attention) under the same autocast."""
     layer = KernelModulatedAttention(12, 6, 3, 4, signature_dim=8, backend="torch").eval()
-    inputs = _kma_inputs()
-    want = layer(*inputs)
+    _randomise(layer)
+    with torch.no_grad():
+        layer.bandwidth.fill_(0.75)  # bf16-representable, as are the inputs: the layer casts the
+        layer.layer_scale.gamma.fill_(1.0)  # signatures and β to q's dtype, and a rounded distance
+    layer.eval_mode = "sample" if mode == "no_kernel" else mode  # flips edges at τ and at β·ln 2
+    inputs = tuple(t.bfloat16().float() for t in _kma_inputs())
+    if mode == "no_kernel":
+        inputs = inputs[:2] + (None,) + inputs[3:5] + (None,)
+    kwargs = {"threshold": dict(threshold=True), "sample": dict(temperature=layer.temperature, seed=None)}.get(mode, {})
+    if mode == "sample":
+        torch.manual_seed(11)
+        kwargs["seed"] = int(torch.randint(0, 2**62, ()))  # what the layer draws after manual_seed(11)
+    layer64 = copy.deepcopy(layer).double()
+    inputs64 = tuple(None if t is None else t.double() for t in inputs)
+    z = inputs[0]
+    want64 = _kma_by_hand(layer64, *inputs64, **kwargs) - z.double()
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(11)
         got = layer(*inputs)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+        ref = _kma_by_hand(layer, *inputs, **kwargs)
+    assert got.shape == z.shape
+    assert_close_to_reference(got - z, want64, ref - z, atol=TINY_ATOL[torch.bfloat16], name=f"contribution ({mode})")
+    assert (ref - z - want64).abs().max() > 1e-4 and want64.abs().max() > 0.5
 
 
 def test_kma_compiles_fullgraph_in_eval():
