@@ -41,12 +41,69 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Tiles and launch configs per kernel, checked ahead of time for sm_80 and sm_90a (aot_specs,
+# m2mkd_fast.kernels.report): (kind, 16-bit dtype?, head dim > 64?, sampled?) →
+# (BLOCK_U, BLOCK_V, num_warps allowed, num_stages allowed). The tensor-core dots need M ≥ 64 for
+# wgmma (BLOCK_U in fwd/dq, BLOCK_V in dk/dv); registers bound the rest: the backward holds
+# P, dP, dS, the sample and its derivative live beside three accumulators (dq and Σ g·ŝ_s, or
+# dk, dv and Σ g·ŝ_r), so its other tile side is 16. Marked (*): no spill-free choice was found
+# on sm_80 (head dim 128 backward); the least-spilling one is used.
+_TILES = {
+    ("fwd", True, False, False): (64, 64, (4, 8), (2, 3)),
+    ("fwd", True, False, True): (64, 32, (4, 8), (2, 3)),
+    ("fwd", True, True, False): (64, 64, (4, 8), (2, 3)),
+    ("fwd", True, True, True): (64, 32, (4, 8), (2, 3)),
+    ("dq", True, False, False): (64, 16, (4, 8), (2, 3)),
+    ("dq", True, False, True): (64, 16, (4, 8), (2, 3)),
+    ("dq", True, True, False): (64, 16, (8,), (2, 3)),
+    ("dq", True, True, True): (64, 16, (8,), (2,)),  # (*)
+    ("dkdv", True, False, False): (32, 64, (8,), (2, 3)),
+    ("dkdv", True, False, True): (16, 64, (8,), (1,)),
+    ("dkdv", True, True, False): (16, 64, (8,), (2,)),  # (*)
+    ("dkdv", True, True, True): (16, 64, (8,), (2,)),  # (*)
+    # fp32 inputs: exact fp32 dots on the FMA units
+    ("fwd", False, False, False): (32, 32, (4, 8), (2, 3)),
+    ("fwd", False, False, True): (32, 32, (4, 8), (2, 3)),
+    ("fwd", False, True, False): (32, 32, (8,), (2, 3)),
+    ("fwd", False, True, True): (32, 32, (8,), (2, 3)),
+    ("dq", False, False, False): (32, 32, (8,), (2, 3)),
+    ("dq", False, False, True): (32, 32, (8,), (2, 3)),
+    ("dq", False, True, False): (32, 32, (8,), (2, 3)),
+    ("dq", False, True, True): (32, 32, (8,), (2, 3)),
+    ("dkdv", False, False, False): (32, 32, (8,), (2, 3)),
+    ("dkdv", False, False, True): (32, 32, (8,), (2, 3)),
+    ("dkdv", False, True, False): (32, 32, (8,), (2, 3)),
+    ("dkdv", False, True, True): (32, 32, (8,), (2, 3)),
+}
+
+
+def _tile_entry(kind: str, dtype_is_16bit: bool, c_pad: int, sample: bool):
+    return _TILES[(kind, dtype_is_16bit, c_pad > 64, bool(sample))]
+
+
 def _configs():
     # Block sizes are chosen by the launcher (the tile lists depend on them); the autotuner only
-    # picks warps and pipeline depth. One config under the interpreter (no benchmarking there).
+    # picks warps and pipeline depth among those _TILES allows. One config under the interpreter.
     if interpreting():
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
+
+
+def _keep_config(kind: str, num_warps: int, num_stages: int, meta: dict) -> bool:
+    """Whether the autotuner may try (num_warps, num_stages) for kernel ``kind`` (see _TILES)."""
+    if interpreting():
+        return True
+    _, _, warps, stages = _tile_entry(kind, meta["DOT_PREC"] != "ieee", meta["C_PAD"], meta["SAMPLE"])
+    return num_warps in warps and num_stages in stages
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        meta = {**named_args, **kwargs}
+        kept = [c for c in configs if _keep_config(kind, c.num_warps, c.num_stages, meta)]
+        return kept or configs[-1:]
+
+    return {"early_config_prune": prune}
 
 
 _TUNE_KEY = ["HEAD_DIM", "SIG_DIM", "BLOCK_U", "BLOCK_V", "SAMPLE", "DOT_F32", "DOT_PREC"]
@@ -68,25 +125,43 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x.to(dtype), rounding to nearest even also under the interpreter, whose fp32 → bf16
+    conversion truncates (a GPU rounds to nearest): the interpreted bf16 path then makes the
+    errors the GPU makes."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _relaxed_bernoulli(ell, kept, offs, seed, inv_t, EPS: tl.constexpr):
     """Log relaxed-Bernoulli sample ℓ_b and its derivative ∂ℓ_b/∂ℓ (DESIGN §2.4).
 
     p = clamp(exp ℓ, ε, 1−ε); n = clamp(rand(seed, offs), ε, 1−ε);
-    z = (log p − log(1−p) + log n − log(1−n)) / t; ℓ_b = logsigmoid(z).
-    ∂ℓ_b/∂ℓ = sigmoid(−z)/(t·(1−p)) where exp ℓ lies inside [ε, 1−ε] (the clamp passes the
-    gradient), 0 where it is clamped. Pairs that are not kept give (−∞, 0).
+    z = (logit p + logit n) / t; ℓ_b = logsigmoid(z);
+    ∂ℓ_b/∂ℓ = sigmoid(−z)/(t·(1−p)) where exp ℓ lies in [ε, 1−ε] (the clamp passes the gradient
+    there), 0 where it is clamped. Pairs that are not kept give (−∞, 0).
+    Where p is not clamped, log p = ℓ and 1 − p = −expm1(ℓ) (Kahan's (e−1)·ℓ/log e), exact
+    even for p near 1, i.e. for close signatures, where 1 − exp(ℓ) would cancel.
     """
     ell0 = tl.where(kept, ell, 0.0)
     n = tl.rand(seed, offs)
     n = tl.minimum(tl.maximum(n, EPS), 1.0 - EPS)
     e = tl.exp(ell0)
+    passes = kept & (e >= EPS) & (e <= 1.0 - EPS)
     p = tl.minimum(tl.maximum(e, EPS), 1.0 - EPS)
-    z = (tl.log(p) - tl.log(1.0 - p) + tl.log(n) - tl.log(1.0 - n)) * inv_t
+    log_e = tl.log(tl.where(passes, e, 0.5))
+    one_minus_p = tl.where(passes, (1.0 - e) * ell0 / log_e, 1.0 - p)
+    log_p = tl.where(passes, ell0, tl.log(p))
+    z = (log_p + tl.log(n / ((1.0 - n) * one_minus_p))) * inv_t
     soft = tl.log(1.0 + tl.exp(-tl.abs(z)))  # log1p(exp(−|z|))
     ell_b = tl.where(kept, tl.minimum(z, 0.0) - soft, float("-inf"))
     sig_neg = tl.exp(tl.minimum(-z, 0.0) - soft)  # sigmoid(−z)
-    passes = kept & (e >= EPS) & (e <= 1.0 - EPS)
-    jac = tl.where(passes, sig_neg * inv_t / (1.0 - p), 0.0)
+    jac = tl.where(passes, sig_neg * inv_t / one_minus_p, 0.0)
     return ell_b, jac
 
 
@@ -95,7 +170,7 @@ def _relaxed_bernoulli(ell, kept, offs, seed, inv_t, EPS: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit
 def _fwd_kernel(
     Q, K, Vt, O, LSE, ELL, CNT, LST,
@@ -109,6 +184,8 @@ def _fwd_kernel(
     BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr,
     SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, EPS: tl.constexpr,
 ):
+    """o and lse (base 2) for one receiver block of one (batch, head), walking the non-empty
+    tiles of its row of tiles with an online softmax."""
     pid_u = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -147,13 +224,13 @@ def _fwd_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = _dot(p.to(v.dtype), v, acc, DOT_F32, DOT_PREC)
+        acc = _dot(_cast(p, v.dtype, DOT_F32), v, acc, DOT_F32, DOT_PREC)
         m_i = m_new
 
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, 0.0, m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(O + b * sob + h * soh + offs_u[:, None] * sou + offs_c[None, :] * soc, o.to(O.dtype.element_ty),
+    tl.store(O + b * sob + h * soh + offs_u[:, None] * sou + offs_c[None, :] * soc, _cast(o, O.dtype.element_ty, DOT_F32),
              mask=mask_u[:, None] & mask_c[None, :])
     tl.store(LSE + pid_bh * U + offs_u, lse, mask=mask_u)
 
@@ -170,7 +247,7 @@ def _bwd_delta_kernel(
     sdb, sdh, sdu, sdc,
     HEAD_DIM: tl.constexpr, C_PAD: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
-    """delta[b,h,u] = Σ_c dO·O (fp32)."""
+    """delta[b,h,u] = Σ_c dO·O (fp32; O as stored, in its dtype)."""
     pid_u = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -184,7 +261,7 @@ def _bwd_delta_kernel(
     tl.store(DELTA + pid_bh * U + offs_u, delta, mask=offs_u < U)
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by=_pruner("dq"))
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, Vt, DO, DQ, LSE, DELTA, ELL, CNT, LST, SS, RR, DB,
@@ -201,7 +278,12 @@ def _bwd_dq_kernel(
     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, SIG_PREC: tl.constexpr, EPS: tl.constexpr,
 ):
     """dq for one receiver block and heads [h0, h0+HPP) of one batch element; with SIG_GRAD also
-    RR[g,u,:] = Σ_{h,v} g·ŝ_s[v] and DB[g, u-block] = Σ_{h,u,v} g·ℓ[u,v] (g = dL/dℓ)."""
+    RR[g,u,:] = Σ_{h,v} g·ŝ_s[v] and DB[g, u-block] = Σ_{h,u,v} g·ℓ[u,v] (g = dL/dℓ).
+
+    dS uses DELTA = Σ dO·O with O as stored (rounded to its dtype), as FlashAttention does. The
+    exact delta Σ_v P·dP is accumulated on the way and written back to DELTA for the dk/dv
+    kernel (launched after this one), and DB, a sum over every edge in which the rounding of O
+    would not average out, is corrected to it: DB += (DELTA − Σ_v P·dP)·Σ_v P·w·ℓ."""
     pid_u = tl.program_id(0)
     pid_g = tl.program_id(1)  # (b, head group)
     n_groups = H // HPP
@@ -225,6 +307,8 @@ def _bwd_dq_kernel(
         lse = tl.load(LSE + (b * H + h) * U + offs_u, mask=mask_u, other=0.0)
         delta = tl.load(DELTA + (b * H + h) * U + offs_u, mask=mask_u, other=0.0)
         dq = tl.zeros([BLOCK_U, C_PAD], tl.float32)
+        p_dp = tl.zeros([BLOCK_U], tl.float32)  # Σ_v P·dP: the exact delta
+        p_wl = tl.zeros([BLOCK_U], tl.float32)  # Σ_v P·w·ℓ, w = ∂ℓ_b/∂ℓ
         for i in range(n_tiles):
             vb = tl.load(LST + pid_u * NVB + i)
             offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -244,18 +328,25 @@ def _bwd_dq_kernel(
             p = tl.math.exp2(qk * qk_scale + ell_b * LOG2E - lse[:, None])
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
             ds = p * (dp - delta[:, None])
-            dq = _dot(ds.to(k.dtype), k, dq, DOT_F32, DOT_PREC)
+            dq = _dot(_cast(ds, k.dtype, DOT_F32), k, dq, DOT_F32, DOT_PREC)
             if SIG_GRAD:
                 if SAMPLE:
                     g = tl.where(kept, ds * jac, 0.0)
+                    wl = jac * tl.where(kept, ell, 0.0)  # jac = 0 where not kept
                 else:
                     g = tl.where(kept, ds, 0.0)
+                    wl = tl.where(kept, ell, 0.0)
                 ss = tl.load(SS + offs_v[:, None] * SIG_DIM + offs_s[None, :],
                              mask=mask_v[:, None] & (offs_s < SIG_DIM)[None, :], other=0.0)
                 rr = tl.dot(g, ss, rr, input_precision=SIG_PREC)
-                db += tl.sum(g * tl.where(kept, ell, 0.0), 1)
+                db += tl.sum(ds * wl, 1)
+                p_wl += tl.sum(p * wl, 1)
+            p_dp += tl.sum(p * dp, 1)
+        if SIG_GRAD:
+            db += (delta - p_dp) * p_wl
+        tl.store(DELTA + (b * H + h) * U + offs_u, p_dp, mask=mask_u)
         dq = dq * sm_scale
-        tl.store(DQ + b * sgb + h * sgh + offs_u[:, None] * sgu + offs_c[None, :] * sgc, dq.to(DQ.dtype.element_ty),
+        tl.store(DQ + b * sgb + h * sgh + offs_u[:, None] * sgu + offs_c[None, :] * sgc, _cast(dq, DQ.dtype.element_ty, DOT_F32),
                  mask=mask_uc)
     if SIG_GRAD:
         tl.store(RR + (pid_g * U + offs_u[:, None]) * SIG_DIM + offs_s[None, :], rr,
@@ -263,7 +354,7 @@ def _bwd_dq_kernel(
         tl.store(DB + pid_g * NUB + pid_u, tl.sum(db, 0))
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by=_pruner("dkdv"))
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, Vt, DO, DK, DV, LSE, DELTA, ELL, CNT, LST, SR, RS,
@@ -322,10 +413,10 @@ def _bwd_dkdv_kernel(
                 ell_b = ell
             kq = _dot(k, tl.trans(q), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
             pt = tl.math.exp2(kq * qk_scale + ell_b * LOG2E - lse[None, :])
-            dv = _dot(pt.to(do.dtype), do, dv, DOT_F32, DOT_PREC)
+            dv = _dot(_cast(pt, do.dtype, DOT_F32), do, dv, DOT_F32, DOT_PREC)
             dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
             dst = pt * (dpt - delta[None, :])
-            dk = _dot(dst.to(q.dtype), q, dk, DOT_F32, DOT_PREC)
+            dk = _dot(_cast(dst, q.dtype, DOT_F32), q, dk, DOT_F32, DOT_PREC)
             if SIG_GRAD:
                 if SAMPLE:
                     g = tl.where(kept, dst * jac, 0.0)
@@ -335,9 +426,9 @@ def _bwd_dkdv_kernel(
                              mask=mask_u[:, None] & (offs_s < SIG_DIM)[None, :], other=0.0)
                 rs = tl.dot(g, sr, rs, input_precision=SIG_PREC)
         dk = dk * sm_scale
-        tl.store(DK + b * skgb + h * skgh + offs_v[:, None] * skgv + offs_c[None, :] * skgc, dk.to(DK.dtype.element_ty),
+        tl.store(DK + b * skgb + h * skgh + offs_v[:, None] * skgv + offs_c[None, :] * skgc, _cast(dk, DK.dtype.element_ty, DOT_F32),
                  mask=mask_vc)
-        tl.store(DV + b * svgb + h * svgh + offs_v[:, None] * svgv + offs_c[None, :] * svgc, dv.to(DV.dtype.element_ty),
+        tl.store(DV + b * svgb + h * svgh + offs_v[:, None] * svgv + offs_c[None, :] * svgc, _cast(dv, DV.dtype.element_ty, DOT_F32),
                  mask=mask_vc)
     if SIG_GRAD:
         tl.store(RS + (pid_g * V + offs_v[:, None]) * SIG_DIM + offs_s[None, :], rs,
@@ -349,65 +440,64 @@ def _bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-class GraphPlan(NamedTuple):
-    """Everything the kernels need about the graph, computed on the device without host sync."""
+class TileLists(NamedTuple):
+    """Non-empty (receiver block, sender block) tiles, computed on the device without host sync."""
 
-    ell: torch.Tensor  # [U, V] fp32: ℓ on kept pairs (0 in threshold mode), −inf elsewhere
-    cnt_u: torch.Tensor  # [NUB] int32: number of non-empty tiles in each receiver block row
-    lst_u: torch.Tensor  # [NUB, NVB] int32: their sender-block indices first, ascending
-    cnt_v: torch.Tensor  # [NVB] int32
-    lst_v: torch.Tensor  # [NVB, NUB] int32
     block_u: int
     block_v: int
+    cnt_u: torch.Tensor  # [NUB] int32: number of non-empty tiles in each receiver-block row
+    lst_u: torch.Tensor  # [NUB, NVB] int32: their sender-block indices first, ascending
+    cnt_v: torch.Tensor  # [NVB] int32: the same per sender-block column
+    lst_v: torch.Tensor  # [NVB, NUB] int32
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocator of every kernel output (tests replace it to poison the buffers)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def default_blocks(head_dim: int, dtype: torch.dtype, U: int, V: int) -> tuple[int, int]:
-    """Receiver/sender block sizes for the kernels (fixed per shape: the tile lists need them)."""
-    if interpreting():
-        return 16, 16
-    if dtype == torch.float32:
+def default_blocks(kind: str, head_dim: int, dtype: torch.dtype, U: int, V: int, sample: bool = False,
+                   interpret: Optional[bool] = None):
+    """(BLOCK_U, BLOCK_V) of kernel ``kind`` ("fwd", "dq" or "dkdv"): the tiles it walks (_TILES;
+    32×32 under the interpreter, whose cost is per operation), no larger than the problem."""
+    if interpreting() if interpret is None else interpret:
         bu, bv = 32, 32
-    elif head_dim >= 128:
-        bu, bv = 64, 32
     else:
-        bu, bv = 64, 64
+        bu, bv, _, _ = _tile_entry(kind, dtype != torch.float32, _pow2_at_least_16(head_dim), sample)
     return min(bu, _pow2_at_least_16(U)), min(bv, _pow2_at_least_16(V))
 
 
 def cosine_distance(sig_r_hat: torch.Tensor, sig_s_hat: torch.Tensor) -> torch.Tensor:
-    """dist[u,v] = 1 − ŝ_r[u]·ŝ_s[v] in fp32 (exact fp32 matmul, no TF32)."""
-    return 1.0 - torch.mm(sig_r_hat.float(), sig_s_hat.float().t())
+    """dist[u,v] = 1 − ŝ_r[u]·ŝ_s[v] in fp32 (ŝ unit-normalised; plain fp32 matmul)."""
+    return 1 - sig_r_hat.float() @ sig_s_hat.float().t()
 
 
 def log_affinity(sig_r_hat, sig_s_hat, bandwidth, truncation: Optional[float], threshold: bool) -> torch.Tensor:
-    """ℓ[u,v] as the kernels use it: −dist/β on kept pairs (0 in threshold mode), −inf elsewhere."""
-    dist = cosine_distance(sig_r_hat, sig_s_hat)
-    beta = bandwidth.detach().float()
-    ell = -dist / beta
-    keep = None if truncation is None else dist <= truncation
-    if threshold:
-        near = (dist / beta) <= _LN2
-        keep = near if keep is None else keep & near
-        ell = torch.zeros_like(ell)
-    if keep is None:
-        return ell
-    return torch.where(keep, ell, torch.full_like(ell, float("-inf")))
+    """ℓ [U,V] fp32 as the kernels read it: −dist/β on kept pairs (dist ≤ truncation, ties kept;
+    truncation None keeps all), −inf elsewhere; threshold mode: 0 where kept and dist/β ≤ ln 2."""
+    with torch.no_grad():
+        dist = cosine_distance(sig_r_hat, sig_s_hat)
+        beta = bandwidth.detach().to(dist.dtype)
+        kept = torch.ones_like(dist, dtype=torch.bool) if truncation is None else dist <= truncation
+        if threshold:
+            near = kept & (dist / beta <= _LN2)
+            return torch.zeros_like(dist).masked_fill(~near, float("-inf")).contiguous()
+        return torch.where(kept, -(dist / beta), torch.full_like(dist, float("-inf"))).contiguous()
 
 
 def _block_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of block flags: count of set flags and their column indices first, ascending."""
+    """Per row of block flags: number of set flags, and their column indices first (ascending)."""
     cnt = flags.sum(1, dtype=torch.int32)
     order = torch.sort(flags.to(torch.int8), dim=1, descending=True, stable=True).indices.to(torch.int32)
     return cnt.contiguous(), order.contiguous()
 
 
-def prepare_graph(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold, block_u, block_v) -> GraphPlan:
-    """ℓ matrix and the non-empty tile lists for both passes (no host synchronisation)."""
-    ell = log_affinity(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold).contiguous()
+def tile_lists(ell: torch.Tensor, block_u: int, block_v: int) -> TileLists:
+    """The non-empty tiles of ℓ for blocks of block_u receivers × block_v senders."""
     U, V = ell.shape
     nub, nvb = triton.cdiv(U, block_u), triton.cdiv(V, block_v)
     kept = torch.zeros((nub * block_u, nvb * block_v), dtype=torch.bool, device=ell.device)
@@ -415,69 +505,94 @@ def prepare_graph(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold, block_
     flags = kept.view(nub, block_u, nvb, block_v).any(dim=3).any(dim=1)
     cnt_u, lst_u = _block_lists(flags)
     cnt_v, lst_v = _block_lists(flags.t())
-    return GraphPlan(ell, cnt_u, lst_u, cnt_v, lst_v, block_u, block_v)
+    return TileLists(block_u, block_v, cnt_u, lst_u, cnt_v, lst_v)
 
 
-def _dot_flags(dtype: torch.dtype) -> tuple[bool, str, str]:
-    """(cast dot operands to fp32, precision of q/k/v dots, precision of the signature dots)."""
-    if interpreting():
+def _dot_flags(dtype: torch.dtype, interpret: Optional[bool] = None) -> tuple[bool, str, str]:
+    """(cast dot operands to fp32, precision of the q/k/v dots, precision of the signature dots).
+
+    The interpreter's bf16 dot is broken (DESIGN §6): there operands go to fp32. fp32 inputs get
+    exact fp32 dots ("ieee", as torch's fp32 matmul); bf16/fp16 inputs use the tensor cores, and
+    TF32 for the fp32 signature contraction of the backward.
+    """
+    if interpreting() if interpret is None else interpret:
         return True, "ieee", "ieee"
     if dtype == torch.float32:
         return False, "ieee", "ieee"
     return False, "tf32", "tf32"
 
 
-def forward(q, k, v, plan: GraphPlan, temperature: Optional[float], seed: Optional[int]):
-    """o [B,H,U,C] (dtype of q) and lse [B,H,U] (fp32, base 2; 0 for rows without an edge)."""
+def _check_blocks(blocks):
+    if blocks is not None:
+        for blk in blocks:
+            if blk < 16 or blk & (blk - 1):
+                raise ValueError(f"graph attention blocks must be powers of two >= 16, got {blocks}")
+
+
+def forward(q, k, v, ell, temperature: Optional[float], seed: int, blocks: Optional[tuple[int, int]] = None):
+    """(o [B,H,U,C] in q's dtype, lse [B,H,U] fp32, base 2, 0 on rows without an edge).
+
+    q [B,H,U,C] · k, v [B,H,V,C] (any strides) · ell [U,V] fp32 from :func:`log_affinity`;
+    temperature None: scores use ℓ; a float: the relaxed-Bernoulli sample of stream ``seed``.
+    """
     B, H, U, C = q.shape
     V = k.shape[2]
-    o = torch.empty((B, H, U, C), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, U), dtype=torch.float32, device=q.device)
-    if o.numel() == 0:
-        lse.zero_()
+    o = _empty((B, H, U, C), q.dtype, q.device)
+    lse = _empty((B, H, U), torch.float32, q.device)
+    if B * H * U == 0:
         return o, lse
+    if V == 0 or C == 0:
+        return o.zero_(), lse.zero_()
+    _check_blocks(blocks)
+    bu, bv = blocks or default_blocks("fwd", C, q.dtype, U, V)
+    tiles = tile_lists(ell, bu, bv)
     sample = temperature is not None
     dot_f32, prec, _ = _dot_flags(q.dtype)
-    bu, bv = plan.block_u, plan.block_v
     sm_scale = 1.0 / math.sqrt(C)
-    grid = (triton.cdiv(U, bu), B * H)
-    _fwd_kernel[grid](
-        q, k, v, o, lse, plan.ell, plan.cnt_u, plan.lst_u,
-        int(seed or 0), 1.0 / temperature if sample else 1.0, sm_scale * _LOG2E,
-        H, U, V, plan.lst_u.shape[1],
+    _fwd_kernel[(triton.cdiv(U, bu), B * H)](
+        q, k, v, o, lse, ell, tiles.cnt_u, tiles.lst_u,
+        int(seed), 1.0 / temperature if sample else 1.0, sm_scale * _LOG2E,
+        H, U, V, tiles.lst_u.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        HEAD_DIM=C, C_PAD=_pow2_at_least_16(C), SIG_DIM=1,
-        BLOCK_U=bu, BLOCK_V=bv, SAMPLE=sample, DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS,
+        HEAD_DIM=C, C_PAD=_pow2_at_least_16(C), SIG_DIM=1, BLOCK_U=bu, BLOCK_V=bv,
+        SAMPLE=sample, DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS,
     )
     return o, lse
 
 
 def default_heads_per_program(B: int, H: int, n_blocks: int) -> int:
-    """Loop over all heads inside one program (partials per batch element, not per head) when
-    there are enough programs to fill the device anyway; one head per program otherwise."""
+    """Heads one backward program loops over: all of them (partial signature gradients per batch
+    element rather than per (batch, head): H× less to write and sum) when B·blocks programs
+    fill the GPU anyway, else one."""
     if interpreting():
         return H
-    return H if B * n_blocks >= 512 else 1
+    return H if B * n_blocks >= 1024 else 1
 
 
-def backward(do, q, k, v, o, lse, plan: GraphPlan, sig_r_hat, sig_s_hat, temperature, seed,
-             sig_grad: bool, heads_per_program: Optional[int] = None):
-    """(dq, dk, dv, rr [U,S], rs [V,S], db []) with rr = Σ_{b,h,v} g·ŝ_s, rs = Σ_{b,h,u} g·ŝ_r,
-    db = Σ g·ℓ over all pairs, g = dL/dℓ[u,v] (zeros when not sig_grad)."""
+def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Optional[float], seed: int,
+             sig_grad: bool, blocks: Optional[tuple[int, int]] = None, heads_per_program: Optional[int] = None):
+    """(dq, dk, dv, rr [U,S], rs [V,S], db 0-dim), all fp32 but dq/dk/dv (inputs' dtypes), with
+    g[u,v] = dL/dℓ[u,v] (summed over batch and heads; through the sample in sampled mode):
+    rr = Σ_v g·ŝ_s[v], rs = Σ_u g·ŝ_r[u], db = Σ_{u,v} g·ℓ. Zeros for those when not sig_grad."""
     B, H, U, C = q.shape
     V = k.shape[2]
     S = sig_r_hat.shape[1]
     dev = q.device
-    dq = torch.empty((B, H, U, C), dtype=q.dtype, device=dev)
-    dk = torch.empty((B, H, V, C), dtype=k.dtype, device=dev)
-    dv = torch.empty((B, H, V, C), dtype=v.dtype, device=dev)
-    bu, bv = plan.block_u, plan.block_v
-    nub, nvb = triton.cdiv(U, bu), triton.cdiv(V, bv)
-    if B * H == 0 or U == 0 or V == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
-        z = torch.zeros((), dtype=torch.float32, device=dev)
-        return dq, dk, dv, sig_r_hat.new_zeros((U, S)), sig_s_hat.new_zeros((V, S)), z
-    hpp = heads_per_program or default_heads_per_program(B, H, min(nub, nvb))
+    dq = _empty((B, H, U, C), q.dtype, dev)
+    dk = _empty((B, H, V, C), k.dtype, dev)
+    dv = _empty((B, H, V, C), v.dtype, dev)
+    zeros = (torch.zeros((U, S), dtype=torch.float32, device=dev), torch.zeros((V, S), dtype=torch.float32, device=dev),
+             torch.zeros((), dtype=torch.float32, device=dev))
+    if B * H == 0 or U == 0 or V == 0 or C == 0:
+        return (dq.zero_(), dk.zero_(), dv.zero_()) + zeros
+    _check_blocks(blocks)
+    bu_q, bv_q = blocks or default_blocks("dq", C, q.dtype, U, V)
+    bu_k, bv_k = blocks or default_blocks("dkdv", C, q.dtype, U, V, temperature is not None)
+    tiles_q = tile_lists(ell, bu_q, bv_q)
+    tiles_k = tiles_q if (bu_k, bv_k) == (bu_q, bv_q) else tile_lists(ell, bu_k, bv_k)
+    nub_q, nvb_q = triton.cdiv(U, bu_q), triton.cdiv(V, bv_q)
+    nub_k, nvb_k = triton.cdiv(U, bu_k), triton.cdiv(V, bv_k)
+    hpp = heads_per_program or default_heads_per_program(B, H, min(nub_q, nvb_k))
     if H % hpp:
         raise ValueError(f"heads_per_program={hpp} must divide H={H}")
     groups = B * (H // hpp)
@@ -489,34 +604,122 @@ def backward(do, q, k, v, o, lse, plan: GraphPlan, sig_r_hat, sig_s_hat, tempera
     sr = sig_r_hat.float().contiguous()
     ss = sig_s_hat.float().contiguous()
 
-    delta = torch.empty((B, H, U), dtype=torch.float32, device=dev)
-    _bwd_delta_kernel[(nub, B * H)](
+    delta = _empty((B, H, U), torch.float32, dev)
+    bu_d = min(64, _pow2_at_least_16(U))
+    _bwd_delta_kernel[(triton.cdiv(U, bu_d), B * H)](
         o, do, delta, H, U, *o.stride(), *do.stride(),
-        HEAD_DIM=C, C_PAD=c_pad, BLOCK_U=bu,
+        HEAD_DIM=C, C_PAD=c_pad, BLOCK_U=bu_d,
     )
     if sig_grad:
-        rr = torch.empty((groups, U, S), dtype=torch.float32, device=dev)
-        rs = torch.empty((groups, V, S), dtype=torch.float32, device=dev)
-        db = torch.empty((groups, nub), dtype=torch.float32, device=dev)
+        rr = _empty((groups, U, S), torch.float32, dev)
+        rs = _empty((groups, V, S), torch.float32, dev)
+        db = _empty((groups, nub_q), torch.float32, dev)
     else:
         rr = rs = db = torch.empty(1, dtype=torch.float32, device=dev)
-    common = dict(HEAD_DIM=C, C_PAD=c_pad, SIG_DIM=S, S_PAD=s_pad, BLOCK_U=bu, BLOCK_V=bv, SAMPLE=sample,
-                  SIG_GRAD=sig_grad, DOT_F32=dot_f32, DOT_PREC=prec, SIG_PREC=sig_prec, EPS=_FP32_EPS)
-    _bwd_dq_kernel[(nub, groups)](
-        q, k, v, do, dq, lse, delta, plan.ell, plan.cnt_u, plan.lst_u, ss, rr, db,
-        int(seed or 0), inv_t, sm_scale * _LOG2E, sm_scale,
-        H, hpp, U, V, nub, nvb,
+    common = dict(HEAD_DIM=C, C_PAD=c_pad, SIG_DIM=S, S_PAD=s_pad, SAMPLE=sample, SIG_GRAD=sig_grad,
+                  DOT_F32=dot_f32, DOT_PREC=prec, SIG_PREC=sig_prec, EPS=_FP32_EPS)
+    _bwd_dq_kernel[(nub_q, groups)](
+        q, k, v, do, dq, lse, delta, ell, tiles_q.cnt_u, tiles_q.lst_u, ss, rr, db,
+        int(seed), inv_t, sm_scale * _LOG2E, sm_scale,
+        H, hpp, U, V, nub_q, nvb_q,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        **common,
+        BLOCK_U=bu_q, BLOCK_V=bv_q, **common,
     )
-    _bwd_dkdv_kernel[(nvb, groups)](
-        q, k, v, do, dk, dv, lse, delta, plan.ell, plan.cnt_v, plan.lst_v, sr, rs,
-        int(seed or 0), inv_t, sm_scale * _LOG2E, sm_scale,
-        H, hpp, U, V, nub,
+    _bwd_dkdv_kernel[(nvb_k, groups)](
+        q, k, v, do, dk, dv, lse, delta, ell, tiles_k.cnt_v, tiles_k.lst_v, sr, rs,
+        int(seed), inv_t, sm_scale * _LOG2E, sm_scale,
+        H, hpp, U, V, nub_k,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        **common,
+        BLOCK_U=bu_k, BLOCK_V=bv_k, **common,
     )
-    if sig_grad:
-        return dq, dk, dv, rr.sum(0), rs.sum(0), db.sum()
-    z = torch.zeros((), dtype=torch.float32, device=dev)
-    return dq, dk, dv, sig_r_hat.new_zeros((U, S)), sig_s_hat.new_zeros((V, S)), z
+    if not sig_grad:
+        return (dq, dk, dv) + zeros
+    return dq, dk, dv, rr.sum(0), rs.sum(0), db.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compilation specs (m2mkd_fast.kernels.report)
+# --------------------------------------------------------------------------------------------
+
+_POINTER_ARGS = {
+    "Q": "io", "K": "io", "Vt": "io", "O": "io", "DO": "io", "DQ": "io", "DK": "io", "DV": "io",
+    "LSE": "*fp32", "DELTA": "*fp32", "ELL": "*fp32", "SS": "*fp32", "SR": "*fp32", "RR": "*fp32",
+    "RS": "*fp32", "DB": "*fp32", "CNT": "*i32", "LST": "*i32",
+}
+_FLOAT_ARGS = {"inv_t", "qk_scale", "sm_scale"}
+
+
+def _aot_signature(fn, io_type: str, constexprs: dict) -> tuple[dict, tuple]:
+    """Triton types of every argument as the JIT sees them at the benchmark shapes: contiguous
+    tensors (innermost stride 1, specialised to a constexpr), other strides multiples of 16."""
+    signature, divisible = {}, []
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _POINTER_ARGS:
+            kind = _POINTER_ARGS[name]
+            signature[name] = f"*{io_type}" if kind == "io" else kind
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        elif name == "seed":
+            signature[name] = "i64"
+        else:
+            signature[name] = "i32"
+            if name.startswith("s") and not name.endswith("c"):
+                divisible.append(name)  # head/batch/row strides: multiples of C = 64
+    return signature, tuple(divisible)
+
+
+_AOT_KERNELS = {
+    "fwd": ("graph_attention_fwd", "_fwd_kernel"),
+    "dq": ("graph_attention_bwd_dq", "_bwd_dq_kernel"),
+    "dkdv": ("graph_attention_bwd_dkdv", "_bwd_dkdv_kernel"),
+}
+
+
+def aot_spec_list(kind: str, dtype: torch.dtype, C: int, sample: bool, blocks=None, configs=None) -> list:
+    """KernelSpecs of kernel ``kind`` for one (dtype, head dim, mode): the launcher's tiles and
+    every autotune config it may pick (or the given ``blocks``/``configs``: (warps, stages) pairs)."""
+    import dataclasses
+
+    from .aot import KernelSpec, jit_function
+
+    name, attr = _AOT_KERNELS[kind]
+    kernel = globals()[attr]
+    io_type = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    dot_f32, prec, sig_prec = _dot_flags(dtype, interpret=False)
+    bu, bv = blocks or default_blocks(kind, C, dtype, 1 << 20, 1 << 20, sample, interpret=False)
+    constexprs = dict(HEAD_DIM=C, C_PAD=C, SIG_DIM=64, BLOCK_U=bu, BLOCK_V=bv, SAMPLE=sample,
+                      DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS)
+    if kind != "fwd":
+        constexprs.update(S_PAD=64, SIG_GRAD=True, SIG_PREC=sig_prec)
+    fn = jit_function(kernel)
+    constexprs.update({a: 1 for a in fn.arg_names if a.startswith("s") and a.endswith("c")})
+    signature, divisible = _aot_signature(fn, io_type, constexprs)
+    if configs is None:
+        _, _, warps, stages = _tile_entry(kind, dtype != torch.float32, C, sample)
+        configs = [(w, st) for w in warps for st in stages]
+    variant = f"C={C},{'sampled' if sample else 'deterministic'},BU={bu},BV={bv}"
+    return [
+        KernelSpec(name, fn, signature, dict(constexprs), io_type, w, st, f"{variant},w{w},s{st}", True, divisible)
+        for w, st in configs
+    ]
+
+
+def aot_specs():
+    """KernelSpecs of every kernel here, for the GPU builds (bf16 and fp32; C = 64 and 128;
+    sampled and deterministic; signature gradients on), sampled C=64 first per kernel and dtype."""
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for C in (64, 128):
+            for sample in (True, False):
+                for kind in _AOT_KERNELS:
+                    specs.extend(aot_spec_list(kind, dtype, C, sample))
+        io_type = "bf16" if dtype == torch.bfloat16 else "fp32"
+        delta_const = dict(HEAD_DIM=64, C_PAD=64, BLOCK_U=64, soc=1, sdc=1)
+        signature, divisible = _aot_signature(_bwd_delta_kernel, io_type, delta_const)
+        from .aot import specs_for_configs
+
+        specs.extend(specs_for_configs("graph_attention_bwd_delta", _bwd_delta_kernel, signature, delta_const, io_type,
+                                       False, divisible))
+    return specs

@@ -26,10 +26,8 @@ __all__ = ["graph_attention"]
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _plan(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold, q, V, block_u, block_v):
-    B, H, U, C = q.shape
-    du, dv = _k.default_blocks(C, q.dtype, U, V)
-    return _k.prepare_graph(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold, block_u or du, block_v or dv)
+def _blocks(block_u: int, block_v: int):
+    return (block_u, block_v) if block_u and block_v else None
 
 
 @torch.library.custom_op("m2mkd_fast::graph_attention_fwd", mutates_args=())
@@ -48,8 +46,8 @@ def _graph_attention_fwd(
     block_v: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B,H,U,C], lse [B,H,U] float32, base-2 log-sum-exp of the scores; 0 on empty rows)."""
-    plan = _plan(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold, q, k.shape[2], block_u, block_v)
-    return _k.forward(q, k, v, plan, temperature, seed)
+    ell = _k.log_affinity(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold)
+    return _k.forward(q, k, v, ell, temperature, seed, _blocks(block_u, block_v))
 
 
 @_graph_attention_fwd.register_fake
@@ -79,10 +77,11 @@ def _graph_attention_bwd(
     signature_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dŝ_r, dŝ_s, dβ); the last three are zeros unless signature_grad."""
-    plan = _plan(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold, q, k.shape[2], block_u, block_v)
+    ell = _k.log_affinity(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold)
     sig_grad = signature_grad and not threshold
     dq, dk, dv, rr, rs, db = _k.backward(
-        grad_o, q, k, v, o, lse, plan, sig_r_hat, sig_s_hat, temperature, seed, sig_grad, heads_per_program or None
+        grad_o, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature, seed, sig_grad,
+        _blocks(block_u, block_v), heads_per_program or None,
     )
     # ℓ = (ŝ_r·ŝ_s − 1)/β on kept pairs: ∂ℓ/∂ŝ_r = ŝ_s/β, ∂ℓ/∂ŝ_s = ŝ_r/β, ∂ℓ/∂β = −ℓ/β
     beta = bandwidth.detach().float()
@@ -157,6 +156,8 @@ def graph_attention(
     for name, blk in (("block_u", block_u), ("block_v", block_v)):
         if blk and (blk < 16 or blk & (blk - 1)):
             raise ValueError(f"graph_attention (triton): {name} must be 0 or a power of two >= 16, got {blk}")
+    if bool(block_u) != bool(block_v):
+        raise ValueError("graph_attention (triton): give both block_u and block_v, or neither")
     if threshold:
         # the 0/−∞ mask is detached: σ and β get no gradient from it
         sig_r, sig_s, bandwidth = sig_r.detach(), sig_s.detach(), bandwidth.detach()
