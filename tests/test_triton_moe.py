@@ -25,8 +25,7 @@ from tolerance import assert_close_to_reference
 
 triton = pytest.importorskip("triton")
 
-from m2mkd_fast.kernels import moe_mlp as kern  # noqa: E402  (after conftest set TRITON_INTERPRET)
-from m2mkd_fast.triton_backend import moe as tb  # noqa: E402
+from m2mkd_fast.triton_backend import moe as tb  # noqa: E402  (after conftest set TRITON_INTERPRET)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["x", "weight", "w1", "b1", "w2", "b2"]
