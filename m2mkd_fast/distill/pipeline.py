@@ -151,7 +151,7 @@ class Pipeline:
             res = train(task, data=self.data, tcfg=tcfg, aug=self.cfg["augment"], dcfg=dcfg, run_dir=run_dir,
                         phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=do_resume,
                         save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
-                        title=title)
+                        title=title, eval_limit=self.cfg["log"]["eval_limit"])
         except CheckpointError as err:
             if resume != "auto":
                 raise
@@ -159,7 +159,7 @@ class Pipeline:
             res = train(task, data=self.data, tcfg=tcfg, aug=self.cfg["augment"], dcfg=dcfg, run_dir=run_dir,
                         phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=False,
                         save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
-                        title=title)
+                        title=title, eval_limit=self.cfg["log"]["eval_limit"])
         out = {"fingerprint": fingerprint(pcfg), "test_acc": res.final_test_acc, "seconds": res.seconds,
                "img_per_s": res.images_per_s, "steps": res.steps, "phase": phase}
         if self.ctx.is_main:
@@ -268,14 +268,34 @@ class Pipeline:
                               self.cfg["students"][kind]["distill"], seed * 1000 + i, resume,
                               dcfg=self.cfg["distill"], save_module=student, title=f"{kind} s{seed} pair {i}")
             if "teacher_pair_acc" not in res:
-                task.to(self.ctx.device).eval()
-                res["teacher_pair_acc"] = evaluate_accuracy(task.forward_teacher, self.data.test,
-                                                            Normalize(self.data.mean, self.data.std), 256,
-                                                            self.ctx.device, self.ctx)
+                res["teacher_pair_acc"] = self._teacher_pair_acc(task, i)
                 if self.ctx.is_main:
                     _write_json(run_dir / "done.json", res)
             out[i] = res
         return out
+
+    def _teacher_pair_acc(self, task, i: int) -> float:
+        """Test accuracy of teacher module i inside the frozen meta model (the same for every
+        student and seed: cached in teacher_pairs.json)."""
+        path = self.root / "teacher_pairs.json"
+        key = fingerprint({"meta": self.phase_config("pretrain-meta"), "teacher": self.phase_config("train-teacher"),
+                           "module": i, "eval_limit": self.cfg["log"]["eval_limit"]})
+        cache = _read_json(path) or {}
+        if key in cache:
+            return cache[key]
+        task.to(self.ctx.device).eval()
+        ds = self.data.test
+        limit = int(self.cfg["log"]["eval_limit"] or 0)
+        if limit and limit < len(ds):
+            ds = torch.utils.data.Subset(ds, range(limit))
+            ds.batch = self.data.test.batch
+        acc = evaluate_accuracy(task.forward_teacher, ds, Normalize(self.data.mean, self.data.std), 256,
+                                self.ctx.device, self.ctx)
+        if self.ctx.is_main:
+            cache = _read_json(path) or {}
+            cache[key] = acc
+            _write_json(path, cache)
+        return acc
 
     def _distilled_states(self, kind: str, seed: int, n: int):
         states = []
@@ -358,8 +378,9 @@ class Pipeline:
         return res
 
     # ----------------------------------------------------------------------------- reproduce
-    def run_student(self, kind: str, seed: int, timings: dict | None = None):
-        """One student and seed: distill every pair, assemble, fine-tune, evaluate; scratch, evaluate."""
+    def run_student(self, kind: str, seed: int, timings: dict | None = None, part: str = "both"):
+        """One student and seed. part "m2mkd": distill every pair, assemble, fine-tune, evaluate;
+        "scratch": the baseline, evaluate; "both": both."""
         timings = {} if timings is None else timings
 
         def timed(key, fn, *a, **k):
@@ -368,12 +389,14 @@ class Pipeline:
             timings[key] = timings.get(key, 0.0) + time.time() - t
             return r
 
-        timed(f"{kind}/distill", self.distill, kind, seed, "all", resume="auto")
-        timed(f"{kind}/assemble", self.assemble, kind, seed)
-        timed(f"{kind}/finetune", self.finetune, kind, seed, resume="auto")
-        timed(f"{kind}/evaluate", self.evaluate, kind, seed, "finetune")
-        timed(f"{kind}/scratch", self.scratch, kind, seed, resume="auto")
-        timed(f"{kind}/evaluate", self.evaluate, kind, seed, "scratch")
+        if part in ("m2mkd", "both"):
+            timed(f"{kind}/distill", self.distill, kind, seed, "all", resume="auto")
+            timed(f"{kind}/assemble", self.assemble, kind, seed)
+            timed(f"{kind}/finetune", self.finetune, kind, seed, resume="auto")
+            timed(f"{kind}/evaluate", self.evaluate, kind, seed, "finetune")
+        if part in ("scratch", "both"):
+            timed(f"{kind}/scratch", self.scratch, kind, seed, resume="auto")
+            timed(f"{kind}/evaluate", self.evaluate, kind, seed, "scratch")
         return timings
 
     def reproduce(self, report_dir=None, jobs: int | None = None):
@@ -404,12 +427,12 @@ class Pipeline:
             for kind, seed in sorted(units, key=lambda u: (u[1], u[0])):
                 self.run_student(kind, seed, timings)
         else:
-            self._parallel([("meta",), ("teacher",)], jobs, timings)
+            self._parallel([("teacher",), ("meta",)] + [("scratch", kind, seed) for kind, seed in units], jobs, timings)
             if self.force or not self._teacher_split_current():
                 t = time.time()
                 self.split_teacher()
                 timings["split-teacher"] = time.time() - t
-            self._parallel([("student", kind, seed) for kind, seed in units], jobs, timings)
+            self._parallel([("m2mkd", kind, seed) for kind, seed in units], jobs, timings)
         wall = time.time() - t0
         if self.ctx.is_main:
             from .report import write_report
@@ -430,6 +453,7 @@ class Pipeline:
 
         log(f"running {len(work)} unit(s) in {min(jobs, len(work))} worker process(es), 1 thread each", self.ctx)
         with cf.ProcessPoolExecutor(max_workers=min(jobs, len(work)), mp_context=mp.get_context("spawn")) as ex:
+            # submitted in order: the pool hands the next unit to whichever worker frees first
             futs = [ex.submit(_worker, self.cfg, str(self.root), self.force, unit) for unit in work]
             for f in cf.as_completed(futs):
                 for k, v in f.result().items():
@@ -450,7 +474,7 @@ def _worker(cfg: dict, root: str, force: bool, unit: tuple) -> dict:
     if unit[0] == "teacher":
         pipe.train_teacher(resume="auto")
         return {"train-teacher": time.time() - t}
-    return pipe.run_student(unit[1], unit[2])
+    return pipe.run_student(unit[1], unit[2], part=unit[0])
 
 
 @torch.no_grad()

@@ -205,7 +205,7 @@ def _die_after(step: int):
 def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, run_dir, phase: str,
           config: dict, seed: int, ctx: DistContext, resume: bool = False, eval_fn=None,
           save_module: nn.Module | None = None, progress: bool = True, log_every: int = 20,
-          title: str = "") -> TrainResult:
+          title: str = "", eval_limit: int = 0) -> TrainResult:
     """Train ``task`` on ``data.train``; return when ``tcfg['epochs']`` are done.
 
     Args:
@@ -224,6 +224,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
         eval_fn: ``fn(images) -> logits`` for the per-epoch test accuracy (default: the task's
             student logits).
         save_module: what model.safetensors holds at the end (default: the task).
+        eval_limit: the per-epoch test accuracy uses the first ``eval_limit`` test images (0 = all).
     """
     run_dir = Path(run_dir)
     device = ctx.device
@@ -298,6 +299,12 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
         return out[0]
 
     eval_fn = eval_fn or student_logits
+    eval_set = data.test
+    if eval_limit and eval_limit < len(eval_set):
+        eval_set = torch.utils.data.Subset(eval_set, range(int(eval_limit)))
+        if hasattr(data.test, "batch"):
+            full_test = data.test
+            eval_set.batch = lambda index: full_test.batch(index)  # the first eval_limit, in order
 
     def checkpoint(epoch, step_in_epoch):
         states = ctx.all_gather_object(rng_state())
@@ -366,7 +373,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             bar.close()
         train_seconds += time.time() - t_epoch
         task.eval()
-        test_acc = evaluate_accuracy(eval_fn, data.test, norm, max(bs, 256), device, ctx)
+        test_acc = evaluate_accuracy(eval_fn, eval_set, norm, max(bs, 256), device, ctx)
         epoch_s = time.time() - t_epoch
         metrics.write(kind="epoch", epoch=epoch, test_acc=test_acc, seconds=epoch_s,
                       img_per_s=(steps_per_epoch - first) * gbs / max(epoch_s, 1e-9))
