@@ -90,6 +90,14 @@ TORCH_LIBRARY(m2mkd_fast_cpp, m) {
   m.def(
       "route_slots(Tensor expert, Tensor? priority, int num_experts, int capacity, int group_size) "
       "-> (Tensor, Tensor)");
+  // moe.cpp
+  m.def(
+      "moe_forward(Tensor x, Tensor expert, Tensor slot, Tensor weight, Tensor w1, Tensor? b1, Tensor w2, "
+      "Tensor? b2, str approximate, bool save) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "moe_backward(Tensor grad_y, Tensor x, Tensor expert, Tensor slot, Tensor weight, Tensor w1, Tensor w2, "
+      "Tensor hidden, Tensor out, str approximate, bool bias_grads) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

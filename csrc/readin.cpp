@@ -253,7 +253,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> readin_forward(
     args.V = V;
     args.Din = Din;
     args.scale = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(C)));
-    if (U * H > 0 && V > 0) at::parallel_for(0, B, 1, [&](int64_t s, int64_t e) { readin_fwd<scalar_t>(args, s, e); });
+    if (U * H > 0 && V > 0) at::parallel_for(0, B, 1, [&](int64_t s, int64_t e) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads start with grad mode on
+        readin_fwd<scalar_t>(args, s, e);
+      });
   });
   auto m = at::empty({B, U, H, C}, opts);
   { auto out_ = heads_view(m); at::bmm_out(out_, heads_view(mp), w_v.transpose(1, 2)); }
@@ -301,7 +304,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     args.V = V;
     args.Din = Din;
     args.scale = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(C)));
-    if (U * H > 0 && V > 0) at::parallel_for(0, B, 1, [&](int64_t s, int64_t e) { readin_bwd<scalar_t>(args, s, e); });
+    if (U * H > 0 && V > 0) at::parallel_for(0, B, 1, [&](int64_t s, int64_t e) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        readin_bwd<scalar_t>(args, s, e);
+      });
   });
   auto dq = at::empty({B, U, H, C}, opts);
   { auto out_ = heads_view(dq); at::bmm_out(out_, heads_view(dtk), w_k.transpose(1, 2)); }
