@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "compare with training from scratch. Each phase is a subcommand; `reproduce` runs them all.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `m2mkd-fast <phase> --help` for a phase's options; `m2mkd-fast presets` lists the shipped "
-               "presets; `m2mkd-fast show-config` prints a resolved config.")
+               "presets; `m2mkd-fast show-config` prints a resolved config. Every config key is documented in "
+               "the default preset, m2mkd_fast/configs/default.yaml (a key it lacks is rejected).")
     sub = ap.add_subparsers(dest="phase", metavar="<phase>")
     sub.required = True
 
@@ -131,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from .distill import report
+
+    report.COMMAND_LINE = " ".join(["m2mkd-fast"] + argv)
     from .distill.config import ConfigError, available_presets, load_config
 
     if args.phase == "presets":
