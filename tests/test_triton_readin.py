@@ -215,21 +215,63 @@ def test_dx_split_choice():
 
 def test_din_pieces():
     assert kern.din_pieces(320) == (256, 64)
-    assert kern.din_pieces(256) == (256, 0)
+    assert kern.din_pieces(256) == (128, 128)
     assert kern.din_pieces(48) == (32, 16)
     assert kern.din_pieces(8) == (16, 0)
     assert kern.din_pieces(384) == (256, 128)
     assert kern.din_pieces(192) == (128, 64)
     assert kern.din_pieces(272) == (256, 64)  # padded: few variants, each verified with ptxas
-    assert kern.din_pieces(400) == (512, 0)
+    assert kern.din_pieces(400) == (256, 256)
     assert kern.din_pieces(24) == (32, 0)
     for din in range(1, kern.MAX_DIN + 1):  # every Din maps to a listed variant that covers it
         da, db = kern.din_pieces(din)
         assert (da, db) in kern.VARIANTS["bf16"] and da + db >= din
         assert db == 0 or da < din  # a second piece only once the first is full
-    assert kern.din_pieces(512) == (512, 0)
+    assert kern.din_pieces(512) == (256, 256)
     with pytest.raises(ValueError, match="Din"):
         kern.din_pieces(kern.MAX_DIN + 16)
+
+
+def test_verified_table_is_consistent():
+    """The config table: variants and configs are the declared candidates, shared memory within
+    the target's limit, and the NAC shapes (Din 256 and 320, bf16) run on sm_80 and sm_90a."""
+    for (kind, target, dtype, da, db), entries in kern.VERIFIED.items():
+        assert (da, db) in kern.VARIANTS[dtype] and target in kern.TARGETS
+        for bm, bn, warps, stages, shared in entries:
+            assert (bm, bn, warps, stages) in kern.CANDIDATES[(kind, dtype)]
+            assert 0 < shared <= kern.SHARED_LIMIT[target]
+    for target in kern.TARGETS:
+        for din in (256, 320, 64, 192):
+            da, db = kern.din_pieces(din)
+            assert all(kern.VERIFIED.get((kind, target, "bf16", da, db)) for kind in ("fwd", "dq", "dx")), (target, din)
+
+
+def test_supported_and_pruner_follow_the_table(monkeypatch):
+    """On a (pretend) GPU the autotuner sees only configs ptxas verified for that target, dtype
+    and Din, filtered by the device's shared memory; without any, the op uses the torch backend."""
+    monkeypatch.setattr(kern, "_interpreting", lambda: False)
+    monkeypatch.setattr(kern, "_device_target", lambda device: (90, 227 * 1024))
+    cuda = torch.device("cuda")
+    assert kern.supported(cuda, torch.bfloat16, 320) and kern.supported(cuda, torch.float16, 256)
+    assert kern.supported(cuda, torch.float32, 64)
+    assert not kern.supported(cuda, torch.float32, 320)  # fp32 FMA dots spill at this Din
+    assert not kern.supported(cuda, torch.bfloat16, 512) and not kern.supported(cuda, torch.float64, 64)
+    assert not kern.supported(torch.device("cpu"), torch.bfloat16, 320)
+
+    class FakeX:
+        device, dtype = cuda, torch.bfloat16
+
+    da, db = kern.din_pieces(320)
+    args = dict(X=FakeX(), DA=da, DB=db, HAS_B=True)
+    configs = [kern._cfg(*c) for c in kern.CANDIDATES[("fwd", "bf16")]]
+    kept = kern._pruner("fwd")(configs, {}, **args)
+    want = {e[:4] for e in kern.VERIFIED[("fwd", 90, "bf16", da, db)]}
+    assert kept and {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == want
+    # a device with 99 KiB per block (sm_86/89) keeps only the configs that fit
+    monkeypatch.setattr(kern, "_device_target", lambda device: (80, 99 * 1024))
+    kept = kern._pruner("dq")([kern._cfg(*c) for c in kern.CANDIDATES[("dq", "bf16")]], {}, **args)
+    fits = {e[:4] for e in kern.VERIFIED[("dq", 80, "bf16", da, db)] if e[4] <= 99 * 1024}
+    assert fits and {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == fits
 
 
 def test_kernel_rejects_bad_inputs():
