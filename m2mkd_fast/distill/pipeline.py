@@ -161,6 +161,7 @@ class Pipeline:
                         save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
                         title=title, eval_limit=self.cfg["log"]["eval_limit"])
         out = {"fingerprint": fingerprint(pcfg), "test_acc": res.final_test_acc, "seconds": res.seconds,
+               "cpu_seconds": res.cpu_seconds,
                "img_per_s": res.images_per_s, "steps": res.steps, "phase": phase}
         if self.ctx.is_main:
             _write_json(run_dir / "done.json", out)
@@ -299,6 +300,7 @@ class Pipeline:
 
     def _distilled_states(self, kind: str, seed: int, n: int):
         states = []
+        meta_dim = width(self.load_meta())
         for i in range(n):
             run_dir = self.student_dir(kind, seed) / "distill" / f"module_{i}"
             path = run_dir / "model.safetensors"
@@ -307,7 +309,7 @@ class Pipeline:
                                       f"--seed {seed} --module {i}` first")
             full = self.build_student(kind, seed)
             seed_all(seed * 1000 + i)
-            pair = pair_student(kind, full, i, width(self.load_meta()), seed)
+            pair = pair_student(kind, full, i, meta_dim, seed)
             sd, _ = load_weights(path)
             load_state_checked(pair, sd, f"distilled module {path}")
             states.append(module_state(kind, pair))
@@ -504,7 +506,7 @@ def evaluate_model(model, data, ecfg: dict, ctx: DistContext | None = None) -> d
     model = model.to(device).eval()
     norm = Normalize(data.mean, data.std)
     bs = int(ecfg["batch_size"])
-    t = time.time()
+    t, c = time.time(), time.process_time()
     iid = evaluate_accuracy(model, data.test, norm, bs, device, ctx)
     out = {"iid": iid}
     try:
@@ -534,4 +536,5 @@ def evaluate_model(model, data, ecfg: dict, ctx: DistContext | None = None) -> d
                                             seed=int(fs["seed"]), steps=int(fs["steps"]), lr=float(fs["lr"]))
         out["fewshot"][f"{fs['ways']}w{shots}s"] = {"mean": mean, "ci95": ci}
     out["seconds"] = time.time() - t
+    out["cpu_seconds"] = time.process_time() - c
     return out

@@ -286,23 +286,32 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 
     L.append("Compute per phase, from each run's own record (training incl. its per-epoch test evaluation; "
              "identical whether this call ran the phase or found it done):")
     L.append("")
-    L.append("| phase | runs | seconds | training images/s (median) |")
-    L.append("|---|---|---|---|")
+    L.append("| phase | runs | wall seconds | CPU seconds | training images/s (median) |")
+    L.append("|---|---|---|---|---|")
     rows = [("pretrain-meta", [res.get("meta")]), ("train-teacher", [res.get("teacher")])]
     for kind, per_seed in res["students"].items():
         rows.append((f"{kind}: distill (all pairs)", [p for rec in per_seed.values() for p in rec["pairs"].values()]))
         rows.append((f"{kind}: fine-tune", [rec.get("finetune_run") for rec in per_seed.values()]))
         rows.append((f"{kind}: scratch", [rec.get("scratch_run") for rec in per_seed.values()]))
         rows.append((f"{kind}: evaluate", [rec.get(w) for rec in per_seed.values() for w in ("finetune", "scratch")]))
-    total = 0.0
+    total, total_cpu, cpu_known = 0.0, 0.0, True
     for name, recs in rows:
         recs = [r for r in recs if r]
         sec = sum(float(r.get("seconds", 0.0)) for r in recs)
+        cpu_vals = [r.get("cpu_seconds") for r in recs]
+        cpu = sum(float(v) for v in cpu_vals if v is not None) if recs and None not in cpu_vals else None
         total += sec
+        if cpu is None:
+            cpu_known = False
+        else:
+            total_cpu += cpu
         ips = sorted(float(r["img_per_s"]) for r in recs if r.get("img_per_s"))
-        L.append(f"| {name} | {len(recs)} | {sec:.0f} | {ips[len(ips) // 2]:.0f} |" if ips else
-                 f"| {name} | {len(recs)} | {sec:.0f} | – |")
-    L.append(f"| **all phases (sequential sum)** | | **{total:.0f}** | |")
+        L.append(f"| {name} | {len(recs)} | {sec:.0f} | {'–' if cpu is None else f'{cpu:.0f}'} | "
+                 f"{f'{ips[len(ips) // 2]:.0f}' if ips else '–'} |")
+    L.append(f"| **all phases (sum)** | | **{total:.0f}** | **{f'{total_cpu:.0f}' if cpu_known else '–'}** | |")
+    L.append("")
+    L.append("CPU seconds are each process's own CPU time; with one thread per worker they are what the phase "
+             "costs on an idle core, whatever else the machine was running.")
     L.append("")
     L.append(f"Wall time of this call: {wall:.0f} s ({wall / 60:.1f} min)" + (
         f", with {jobs} worker processes in parallel" if jobs > 1 else "") + ". Calls of `reproduce` on this run "

@@ -42,6 +42,7 @@ class TrainResult:
     steps: int
     seconds: float
     images_per_s: float  # training throughput (optimizer steps only, no evaluation)
+    cpu_seconds: float = 0.0  # this process's CPU time (all its threads) for the whole run
 
 
 class CosineSchedule:
@@ -317,6 +318,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
         ctx.barrier()
 
     t_start, images_seen, test_acc, train_seconds = time.time(), 0, None, 0.0
+    cpu_start = time.process_time()
     for epoch in range(start_epoch, epochs):
         task.train()
         perm = epoch_indices(len(train_set), epoch, seed)[:n]
@@ -393,4 +395,4 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             print(f"[{phase}] could not plot curves: {err}", file=sys.stderr)
     ctx.barrier()
     return TrainResult(run_dir, test_acc, epochs, sched.step_count, seconds,
-                       images_seen / max(train_seconds, 1e-9))
+                       images_seen / max(train_seconds, 1e-9), time.process_time() - cpu_start)
