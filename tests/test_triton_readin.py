@@ -84,6 +84,7 @@ def _check_against(oracle, tensors, dtype, grad_out, factor=2.0):
 # row tiles (H·U = 36 > 16), Din with one piece (16, 64) and two pieces (48 = 32 + 16)
 SHAPES = [
     (1, 1, 1, 1, 8, 16),
+    (1, 5, 9, 2, 16, 320),
     (2, 7, 33, 3, 8, 48),
     (2, 12, 5, 2, 16, 64),
     (1, 12, 33, 3, 16, 16),
@@ -150,10 +151,12 @@ def _core64(qp, x, scale):
     return torch.softmax(s, -1) @ x, torch.logsumexp(s, -1)
 
 
-@pytest.mark.parametrize("B,R,N,D", [(1, 5, 9, 8), (2, 36, 33, 48), (1, 7, 1, 16), (1, 20, 17, 80), (1, 3, 4, 40)])
+@pytest.mark.parametrize("B,R,N,D", [(1, 5, 9, 8), (2, 36, 33, 48), (1, 7, 1, 16), (1, 20, 17, 80), (1, 3, 4, 40),
+                                     (1, 18, 17, 320), (2, 9, 5, 256), (1, 5, 3, 272)])
 def test_kernels_against_formula(B, R, N, D):
     """Forward (o, logsumexp from the stats) and backward (dq', dx) on their own, incl. Din not a
-    multiple of 16 (8, 40), Din = 64 + 16 (two pieces) and the dX reduction split over rows."""
+    multiple of 16 (8, 40), two pieces (80 = 64 + 16, NAC's 256 = 128 + 128 and 320 = 256 + 64,
+    272 padded to 256 + 64) and the dX reduction split over rows."""
     qp = torch.randn(B, R, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
     x = torch.randn(B, N, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
     scale = 0.37
@@ -169,8 +172,8 @@ def test_kernels_against_formula(B, R, N, D):
     assert_close_to_reference(kern.logsumexp_from_stats(stats), lse64, lse32, name="lse")
     for splits in (None, 3):
         dq, dx = kern.readin_bwd(do.float(), qp.detach().float(), x.detach().float(), o, stats, scale, dx_splits=splits)
-        assert_close_to_reference(dq, dq64, dq32, name=f"dq (splits={splits})")
-        assert_close_to_reference(dx, dx64, dx32, name=f"dx (splits={splits})")
+        assert_close_to_reference(dq, dq64, dq32, atol=_grad_atol(dq64, torch.float32), name=f"dq (splits={splits})")
+        assert_close_to_reference(dx, dx64, dx32, atol=_grad_atol(dx64, torch.float32), name=f"dx (splits={splits})")
 
 
 def test_poisoned_outputs(monkeypatch):
