@@ -196,3 +196,28 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, quick_run):
                    "--force", "--no-progress"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((quick_run / "seed0/nac/distill/module_1/done.json").read_text())["test_acc"] is not None
+
+
+def test_imagefolder_data_through_a_phase(tmp_path):
+    """A user's ImageFolder tree (RGB, another size), read by DataLoader workers, trains a meta model."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 256, (12, 14, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["pretrain-meta", "--config", "quick", "--run-dir", str(tmp_path / "run"), "--no-progress",
+                   "--threads", "1"] + _sets([
+                       "data.name=imagefolder", f"data.root={tmp_path}", "data.img_size=16", "data.in_chans=3",
+                       "data.num_workers=2", "data.test_limit=0", "meta.train.batch_size=4", "meta.train.train_limit=0",
+                       "meta.kwargs={num_stages: 4, img_size: 16, in_chans: 3}"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    sd, _ = load_weights(tmp_path / "run" / "meta" / "model.safetensors")
+    assert sd["patch_embed.proj.weight"].shape[1] == 3 and sd["head.weight"].shape[0] == 2

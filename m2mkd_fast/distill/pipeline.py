@@ -151,7 +151,8 @@ class Pipeline:
             res = train(task, data=self.data, tcfg=tcfg, aug=self.cfg["augment"], dcfg=dcfg, run_dir=run_dir,
                         phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=do_resume,
                         save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
-                        title=title, eval_limit=self.cfg["log"]["eval_limit"])
+                        title=title, eval_limit=self.cfg["log"]["eval_limit"],
+                        num_workers=self.cfg["data"]["num_workers"])
         except CheckpointError as err:
             if resume != "auto":
                 raise
@@ -159,7 +160,8 @@ class Pipeline:
             res = train(task, data=self.data, tcfg=tcfg, aug=self.cfg["augment"], dcfg=dcfg, run_dir=run_dir,
                         phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=False,
                         save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
-                        title=title, eval_limit=self.cfg["log"]["eval_limit"])
+                        title=title, eval_limit=self.cfg["log"]["eval_limit"],
+                        num_workers=self.cfg["data"]["num_workers"])
         out = {"fingerprint": fingerprint(pcfg), "test_acc": res.final_test_acc, "seconds": res.seconds,
                "cpu_seconds": res.cpu_seconds,
                "img_per_s": res.images_per_s, "steps": res.steps, "phase": phase}

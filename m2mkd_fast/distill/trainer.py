@@ -107,6 +107,17 @@ def _batch_from(dataset, index: torch.Tensor):
     return torch.stack([a for a, _ in items]), torch.stack([torch.as_tensor(b) for _, b in items])
 
 
+def _epoch_loader(dataset, batches: list, num_workers: int, device):
+    """The batches of one epoch, in the given order: gathered directly for in-memory data, else
+    read by a DataLoader with ``num_workers`` worker processes (the order stays fixed, so a resumed
+    run sees the same batches; augmentation happens afterwards, in the training process)."""
+    if hasattr(dataset, "batch") or num_workers <= 0:
+        return (_batch_from(dataset, idx) for idx in batches)
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=[b.tolist() for b in batches],
+                                            num_workers=num_workers, pin_memory=device.type == "cuda",
+                                            persistent_workers=False))
+
+
 def iterate_batches(dataset, batch_size: int, device, num_workers: int = 0):
     """Test-time batches in order (all samples, last batch partial)."""
     n = len(dataset)
@@ -206,7 +217,7 @@ def _die_after(step: int):
 def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, run_dir, phase: str,
           config: dict, seed: int, ctx: DistContext, resume: bool = False, eval_fn=None,
           save_module: nn.Module | None = None, progress: bool = True, log_every: int = 20,
-          title: str = "", eval_limit: int = 0) -> TrainResult:
+          title: str = "", eval_limit: int = 0, num_workers: int = 0) -> TrainResult:
     """Train ``task`` on ``data.train``; return when ``tcfg['epochs']`` are done.
 
     Args:
@@ -226,6 +237,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             student logits).
         save_module: what model.safetensors holds at the end (default: the task).
         eval_limit: the per-epoch test accuracy uses the first ``eval_limit`` test images (0 = all).
+        num_workers: DataLoader worker processes for datasets read from disk (ImageFolder).
     """
     run_dir = Path(run_dir)
     device = ctx.device
@@ -330,9 +342,9 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"{title or phase} {epoch + 1}/{epochs}",
                        leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         run_loss, run_correct, run_n, t_epoch = 0.0, 0, 0, time.time()
-        for step in range(first, steps_per_epoch):
-            idx = perm[step * gbs + ctx.rank * bs : step * gbs + (ctx.rank + 1) * bs]
-            x, y = _batch_from(train_set, idx)
+        batches = [perm[st * gbs + ctx.rank * bs : st * gbs + (ctx.rank + 1) * bs] for st in range(first, steps_per_epoch)]
+        loader = _epoch_loader(train_set, batches, num_workers, device)
+        for step, (x, y) in zip(range(first, steps_per_epoch), loader):
             x, y = tf(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
             if mixup_fn is not None:
                 x, target = mixup_fn(x, y)
