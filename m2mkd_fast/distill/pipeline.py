@@ -95,8 +95,12 @@ class Pipeline:
     def student_dir(self, kind: str, seed: int) -> Path:
         return self.root / f"seed{seed}" / kind
 
+    def _data_key(self):
+        """The data config minus what does not change the data (loader processes)."""
+        return {k: v for k, v in self.cfg["data"].items() if k != "num_workers"}
+
     def _common(self):
-        return {"data": self.cfg["data"], "augment": self.cfg["augment"]}
+        return {"data": self._data_key(), "augment": self.cfg["augment"]}
 
     def phase_config(self, phase: str, kind: str | None = None, seed: int | None = None, module: int | None = None) -> dict:
         """The part of the config a phase's output depends on (checkpoints compare it; done.json
@@ -366,7 +370,7 @@ class Pipeline:
         eval_<which>.json (redone when the weights' run or the evaluate config changed)."""
         out_path = self.student_dir(kind, seed) / f"eval_{which}.json"
         src = _read_json(self.student_dir(kind, seed) / which / "done.json") if which in ("finetune", "scratch") else None
-        fp = fingerprint({"evaluate": self.cfg["evaluate"], "data": self.cfg["data"],
+        fp = fingerprint({"evaluate": self.cfg["evaluate"], "data": self._data_key(),
                           "weights": (src or {}).get("fingerprint")}) if src else None
         old = _read_json(out_path)
         if model is None and fp and old and old.get("fingerprint") == fp and not self.force:
