@@ -233,12 +233,34 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 
                 continue
             se = std / math.sqrt(n) if n > 1 and not math.isnan(std) else float("nan")
             if not math.isnan(se) and abs(mean) > 2 * se and se > 0:
-                word = "helped" if mean > 0 else "hurt"
+                word = f"m2mKD {'helped' if mean > 0 else 'hurt'} (|mean| > 2 standard errors over {n} seeds)"
+            elif not math.isnan(se):
+                word = f"no clear difference (|mean| ≤ 2 standard errors over {n} seeds)"
             else:
-                word = "made no clear difference (|mean| ≤ 2 standard errors)" if not math.isnan(se) else "(one seed: no error bar)"
+                word = "one seed: no error bar"
             parts.append(f"{m.upper() if m in ('iid', 'ood') else 'few-shot ' + m}: {100 * mean:+.2f} points, {word}")
         L.append(f"- **{NAMES.get(kind, kind)}**: " + "; ".join(parts) + ".")
     L.append("")
+    # OOD per corruption
+    L.append("OOD accuracy per corruption (%, mean over seeds):")
+    L.append("")
+    names = None
+    for per_seed in res["students"].values():
+        for rec in per_seed.values():
+            for which in ("finetune", "scratch"):
+                if rec.get(which) and rec[which].get("ood_per_corruption"):
+                    names = list(rec[which]["ood_per_corruption"])
+                    break
+    if names:
+        L.append("| student | training | " + " | ".join(n.replace("_", " ") for n in names) + " |")
+        L.append("|---|---|" + "---|" * len(names))
+        for kind, per_seed in res["students"].items():
+            for which, label in (("scratch", "from scratch"), ("finetune", "m2mKD + fine-tune")):
+                vals = [_mean_std([(rec.get(which) or {}).get("ood_per_corruption", {}).get(n)
+                                   for rec in per_seed.values()])[0] for n in names]
+                L.append(f"| {NAMES.get(kind, kind)} | {label} | " + " | ".join(
+                    "–" if math.isnan(v) else f"{100 * v:.1f}" for v in vals) + " |")
+        L.append("")
     L.append("![test accuracy curves](figures/curves.png)")
     L.append("")
     L.append("![final comparison](figures/comparison.png)")
@@ -253,7 +275,11 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 
     L.append(f"- teacher `{cfg['teacher']['model']}` {cfg['teacher']['kwargs']}: test acc {_pct(tt.get('test_acc'))}, "
              f"{cfg['teacher']['train']['epochs']} epochs")
     L.append("")
-    L.append("Accuracy of each pair on the test split: the teacher module (resp. the distilled student module with "
+    lim = cfg["log"].get("eval_limit", 0)
+    on = f"the first {lim} test images" if lim and lim < len(pipe.data.test) else "the test split"
+    L.append(f"These accuracies (and the per-epoch curves) are measured on {on}; the result table uses the whole test split.")
+    L.append("")
+    L.append(f"Accuracy of each pair on {on}: the teacher module (resp. the distilled student module with "
              "its stitches) inserted into the frozen meta model; mean over seeds.")
     L.append("")
     for kind, per_seed in res["students"].items():
