@@ -20,18 +20,32 @@ Grids (R = H·U rows per batch element, N = V tokens):
             (key and value contributions, every head); SPLIT > 1 only when B·cdiv(N, BLOCK_N)
             alone cannot fill the GPU: each split owns a contiguous range of query rows and writes
             an fp32 partial, summed afterwards (a deterministic reduction instead of atomics).
-At ImageNet read-in shapes (B=128, H=8, U=192, V=784) the forward grid is 24×128 = 3072 programs
-for BLOCK_M=64 and the dX grid 13×128 = 1664 for BLOCK_N=64; Triton launches program id 0
-fastest, so the programs of one batch element run together and share its X in L2.
+At ImageNet read-in shapes (B=128, H=8, U=192, V=784) the forward grid is 12×128 = 1536
+programs for BLOCK_M=128 (24×128 for 64), the dQ grid 24×128 and the dX grid 13×128 = 1664 for
+BLOCK_N=64 (25×128 for 32) — all well over the H100's 132 SMs; Triton launches program id 0
+fastest, so the programs of one batch element run together and share its X (or its dO/Q' rows)
+in L2. Only B·cdiv(R, BLOCK_M) < #SMs (B ≤ 10 at ImageNet shapes) leaves SMs idle in the
+forward and dQ' kernels; the dX kernel then splits over rows (above).
 
-Din (a multiple of 16, 16…512) is covered by two power-of-two column pieces DA + DB
-(DA = the largest power of two ≤ Din, DB = the next power of two ≥ Din − DA, or none): 320 =
-256 + 64 and 256 = 256 exactly, so the real NAC shapes waste no column; only piece B is masked.
+Din (1…512) is covered by two power-of-two column pieces DA + DB (din_pieces): 320 = 256 + 64,
+256 = 128 + 128, 384 = 256 + 128, 192 = 128 + 64; a Din between two variants pads with masked
+columns. Each piece is one tl.dot operand; the fp32 accumulators (BLOCK × Din) are what limits
+the tile sizes, so the autotuner only sees configs that ptxas compiled without a spill for the
+device's target and Din variant (VERIFIED). Verified today on sm_80 and sm_90a: bf16/fp16 up
+to Din 320, fp32 up to Din 96; elsewhere (Din 321…512, fp32 beyond 96, a pre-Ampere GPU)
+supported() says no and the op runs on the torch backend.
 
-Dot operands are the input dtype (bf16 → tensor cores, fp32 → "ieee" precision so fp32 results
-stay fp32-accurate); accumulation is always fp32. Under TRITON_INTERPRET=1, where bf16 ``tl.dot``
-is broken (DESIGN §6), the launchers set DOT_FP32 so operands are cast to fp32 first: the same
-numbers as the tensor core's exact bf16 products with fp32 accumulation.
+Backward layout trick: the backward kernels read dO and Q' as ONE [B, 2R, Din] tensor whose
+row 2r is dO[r] and row 2r+1 is Q'[r] (built by the launcher). T · Xᵀ for a tile T of 2·BLOCK_M
+such rows gives dP and S in one dot (and a 2·BLOCK_M-row tensor-core tile: no warp group
+duplicates work at BLOCK_M = 64 with 8 warps), and in the dX kernel dXᵀ += Tᵀ · [P; dS]
+(interleaved the same way) adds the value and the key contribution in one dot.
+
+Dot operands are the input dtype (bf16/fp16 → tensor cores, mma on sm_80, wgmma on sm_90a;
+fp32 → "ieee" FMA so fp32 results stay fp32-accurate); accumulation is always fp32. Under
+TRITON_INTERPRET=1, where bf16 ``tl.dot`` is broken (DESIGN §6), the launchers set DOT_FP32 so
+operands are cast to fp32 first: the same numbers as the tensor core's exact bf16 products with
+fp32 accumulation.
 
 This module holds kernels and launchers only: no autograd (see m2mkd_fast.triton_backend.readin).
 """

@@ -99,17 +99,18 @@ def readin_attention(
     """q [B,U,H,C] · x [B,V,Din] · w_k, w_v [H,C,Din] · s_k, s_v [U,Din] · b_v [H,C] | None -> m [B,U,H,C].
 
     Folded read-in attention (DESIGN §2.3) with the attention core in Triton; scale 1/√C with C
-    the head dim of q. Din up to 512 runs on the kernels where a verified config exists
-    (m2mkd_fast.kernels.readin.supported: bf16/fp16 on sm_80+ up to Din 512 as far as ptxas finds
-    a spill-free tile, fp32 up to Din 128), otherwise the same folded form on the torch backend.
+    the head dim of q. The attention core runs on the kernels where a verified config exists
+    (m2mkd_fast.kernels.readin.supported: today bf16/fp16 up to Din 320 and fp32 up to Din 96 on
+    sm_80/sm_90a, where ptxas finds spill-free tiles), otherwise the same folded form on the torch
+    backend.
     Multiples of 16 keep the loads vectorised; 256 and 320, the NAC shapes, waste no column.
     Inputs are validated by m2mkd_fast.ops.readin_attention.
     """
     batch, receivers, heads, head_dim = q.shape
     in_dim = x.shape[-1]
     if not _kernels.supported(x.device, x.dtype, in_dim):
-        # no spill-free kernel config for this GPU target, dtype and Din (fp32 beyond Din 128,
-        # Din > 512, a pre-Ampere GPU): the same folded form on the torch backend
+        # no spill-free kernel config for this GPU target, dtype and Din (Din > 320, fp32 beyond
+        # Din 96, a pre-Ampere GPU): the same folded form on the torch backend
         from ..torch_backend.readin import readin_attention as torch_readin
 
         return torch_readin(q, x, w_k, w_v, s_k, s_v, b_v)
