@@ -366,3 +366,16 @@ def test_scale_uses_head_dim():
     torch.testing.assert_close(out, ref_folded(*tensors), rtol=1e-5, atol=1e-5)
     wrong = ref_folded(tensors[0] * math.sqrt(C / D), *tensors[1:])  # as if scaled by 1/√Din
     assert (out - wrong).abs().max() > 1e-3
+
+
+def test_public_op_dispatches_to_triton():
+    """mk.ops.readin_attention(backend="triton") runs this backend (validated, autograd on)."""
+    import m2mkd_fast as mk
+    from m2mkd_fast import backend
+
+    assert backend.select("readin_attention", torch.device(DEVICE), "triton")[1] is tb.readin_attention
+    tensors = [t.float().requires_grad_(True) for t in _inputs(2, 3, 5, 2, 8, 32, device=DEVICE)]
+    out = mk.ops.readin_attention(*tensors, backend="triton")
+    torch.testing.assert_close(out, ref_folded(*tensors), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert all(t.grad is not None for t in tensors)
