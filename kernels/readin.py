@@ -557,6 +557,8 @@ def _common(qp: torch.Tensor, x: torch.Tensor):
         raise ValueError(f"readin kernels: q' {tuple(qp.shape)} and x {tuple(x.shape)} disagree on B or Din")
     if qp.dtype != x.dtype or qp.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"readin kernels: q' and x must share one of float32/bfloat16/float16, got {qp.dtype}, {x.dtype}")
+    if qp.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"readin kernels: {qp.device.type} tensors need TRITON_INTERPRET=1 (set before Triton is imported)")
     da, db = din_pieces(qp.shape[2])
     dot_fp32 = _interpreting()
     precision = "ieee" if qp.dtype == torch.float32 else "tf32"
