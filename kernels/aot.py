@@ -28,6 +28,7 @@ class KernelSpec:
     signature maps every argument name to a Triton type ("*bf16", "*fp32", "i32", "fp32", ...)
     or "constexpr"; constexprs gives the constexpr values (autotune config included).
     uses_dot: the kernel has a tl.dot whose operands are ``dtype`` (tensor cores expected for bf16).
+    capabilities: the GPU targets (80 = sm_80, 90 = sm_90a) this config is meant and checked for.
     """
 
     kernel: str
@@ -40,6 +41,7 @@ class KernelSpec:
     config: str = ""
     uses_dot: bool = False
     divisible_args: tuple = field(default=())
+    capabilities: tuple = (80, 90)
 
 
 @dataclass

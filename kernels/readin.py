@@ -686,13 +686,7 @@ def _aot_kernel(kind: str):
 def _aot_spec(kind: str, dtype: str, da: int, db: int, config: tuple, capabilities=TARGETS, dx_partial: bool = False):
     """A KernelSpec (m2mkd_fast.kernels.aot) of one kernel, dtype, Din variant and config, typed
     as the JIT sees contiguous tensors: every stride and D multiples of 16, R and N not."""
-    import dataclasses
-
     from .aot import KernelSpec, jit_function
-
-    @dataclasses.dataclass(frozen=True)
-    class ReadinSpec(KernelSpec):
-        capabilities: tuple = TARGETS  # the GPU targets this config is meant (and verified) for
 
     fn = jit_function(_aot_kernel(kind))
     bm, bn, warps, stages = config
@@ -714,7 +708,7 @@ def _aot_spec(kind: str, dtype: str, da: int, db: int, config: tuple, capabiliti
                 divisible.append(name)
     label = f"Din={da}+{db}" if db else f"Din={da}"
     label += f",BM={bm},BN={bn},w{warps},s{stages}" + (",fp32 partials" if dx_partial else "")
-    return ReadinSpec(_KERNEL_NAMES[kind], fn, signature, constexprs, dtype, warps, stages, label, True,
+    return KernelSpec(_KERNEL_NAMES[kind], fn, signature, constexprs, dtype, warps, stages, label, True,
                       tuple(divisible), tuple(capabilities))
 
 

@@ -14,7 +14,6 @@ import os
 import sys
 
 KERNEL_MODULES = ("moe_routing", "moe_mlp", "readin", "graph_attention")
-CAPABILITIES = (80, 90)
 
 
 def collect_specs(quick: bool = False) -> list:
@@ -52,7 +51,7 @@ def run(quick: bool = False) -> tuple[str, list]:
 
     rows, findings = [], []
     for spec in collect_specs(quick):
-        for capability in CAPABILITIES:
+        for capability in spec.capabilities:
             try:
                 result = compile_spec(spec, capability)
             except Exception as err:  # noqa: BLE001 - a failed compile is a finding, the report goes on
