@@ -8,11 +8,14 @@ threshold mode uses 0 where additionally dist/β ≤ ln 2. In sampled mode ℓ_b
 relaxed-Bernoulli sample drawn in-kernel with ``tl.rand(seed, (b*U+u)*V+v)`` (the shared noise
 definition of the project), the same for all heads, recomputed identically in the backward.
 
-What is precomputed (:func:`prepare_graph`, plain torch on the device, no host sync): the [U,V]
-matrix of ℓ (batch- and head-independent: U·V·4 bytes, 2.9 MB at ImageNet shapes, L2-resident)
-and, per block of receivers, the compacted list of sender blocks holding at least one edge (and
-the transposed lists for the dk/dv pass). The B·U·V bias and the sample are never stored.
-Kernels walk only the listed tiles, so the work scales with the number of non-empty tiles.
+What is precomputed, in plain torch on the device without host synchronisation: the [U,V]
+matrix of ℓ (:func:`log_affinity`; batch- and head-independent, U·V·4 bytes = 2.9 MB at
+ImageNet shapes, L2-resident, so the cosine is computed once instead of once per (batch, head)
+tile) and, per block of receivers, the compacted list of sender blocks holding at least one
+edge, with the transposed lists for the dk/dv pass (:func:`tile_lists`). The B·U·V bias and
+the sample are never stored. Kernels walk only the listed tiles: the work scales with the
+number of non-empty tiles (for random signatures at density 0.2 that is every tile; graph
+priors leave tiles empty when neighbours share blocks).
 
 Backward: ``_bwd_dq_kernel`` (per receiver block; dq, and the signature/bandwidth contractions
 Σ_v g[u,v]·ŝ_s[v] and Σ g·ℓ) and ``_bwd_dkdv_kernel`` (per sender block; dk, dv and
@@ -46,34 +49,36 @@ def interpreting() -> bool:
 # (BLOCK_U, BLOCK_V, num_warps allowed, num_stages allowed). The tensor-core dots need M ≥ 64 for
 # wgmma (BLOCK_U in fwd/dq, BLOCK_V in dk/dv); registers bound the rest: the backward holds
 # P, dP, dS, the sample and its derivative live beside three accumulators (dq and Σ g·ŝ_s, or
-# dk, dv and Σ g·ŝ_r), so its other tile side is 16. Marked (*): no spill-free choice was found
-# on sm_80 (head dim 128 backward); the least-spilling one is used.
+# dk, dv and Σ g·ŝ_r), so its other tile side is 16, and the sampled backward runs unpipelined
+# (num_stages=1: the only spill-free choice on sm_80, where the report checks every config;
+# sm_90a alone would allow 2-3 stages). Marked (*): no spill-free choice was found (head dim 128
+# backward, 16-bit: 8-600 B of spills); the least-spilling one is used.
 _TILES = {
     ("fwd", True, False, False): (64, 64, (4, 8), (2, 3)),
     ("fwd", True, False, True): (64, 32, (4, 8), (2, 3)),
     ("fwd", True, True, False): (64, 64, (4, 8), (2, 3)),
     ("fwd", True, True, True): (64, 32, (4, 8), (2, 3)),
-    ("dq", True, False, False): (64, 16, (4, 8), (2, 3)),
-    ("dq", True, False, True): (64, 16, (4, 8), (2, 3)),
+    ("dq", True, False, False): (64, 16, (4,), (2, 3)),
+    ("dq", True, False, True): (64, 16, (8,), (1,)),
     ("dq", True, True, False): (64, 16, (8,), (2, 3)),
     ("dq", True, True, True): (64, 16, (8,), (2,)),  # (*)
     ("dkdv", True, False, False): (32, 64, (8,), (2, 3)),
     ("dkdv", True, False, True): (16, 64, (8,), (1,)),
     ("dkdv", True, True, False): (16, 64, (8,), (2,)),  # (*)
     ("dkdv", True, True, True): (16, 64, (8,), (2,)),  # (*)
-    # fp32 inputs: exact fp32 dots on the FMA units
-    ("fwd", False, False, False): (32, 32, (4, 8), (2, 3)),
-    ("fwd", False, False, True): (32, 32, (4, 8), (2, 3)),
-    ("fwd", False, True, False): (32, 32, (8,), (2, 3)),
-    ("fwd", False, True, True): (32, 32, (8,), (2, 3)),
-    ("dq", False, False, False): (32, 32, (8,), (2, 3)),
-    ("dq", False, False, True): (32, 32, (8,), (2, 3)),
-    ("dq", False, True, False): (32, 32, (8,), (2, 3)),
-    ("dq", False, True, True): (32, 32, (8,), (2, 3)),
-    ("dkdv", False, False, False): (32, 32, (8,), (2, 3)),
-    ("dkdv", False, False, True): (32, 32, (8,), (2, 3)),
-    ("dkdv", False, True, False): (32, 32, (8,), (2, 3)),
-    ("dkdv", False, True, True): (32, 32, (8,), (2, 3)),
+    # fp32 inputs: exact fp32 dots on the FMA units, small tiles
+    ("fwd", False, False, False): (32, 16, (4, 8), (2, 3)),
+    ("fwd", False, False, True): (32, 16, (4, 8), (2, 3)),
+    ("fwd", False, True, False): (32, 16, (8,), (2, 3)),
+    ("fwd", False, True, True): (32, 16, (8,), (2, 3)),
+    ("dq", False, False, False): (16, 16, (4, 8), (2, 3)),
+    ("dq", False, False, True): (16, 16, (4, 8), (2, 3)),
+    ("dq", False, True, False): (16, 16, (4, 8), (2, 3)),
+    ("dq", False, True, True): (16, 16, (4,), (2, 3)),
+    ("dkdv", False, False, False): (16, 16, (4,), (2, 3)),
+    ("dkdv", False, False, True): (16, 16, (8,), (2,)),
+    ("dkdv", False, True, False): (16, 16, (4,), (2, 3)),
+    ("dkdv", False, True, True): (16, 16, (4,), (2, 3)),
 }
 
 
@@ -492,7 +497,7 @@ def log_affinity(sig_r_hat, sig_s_hat, bandwidth, truncation: Optional[float], t
 def _block_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of block flags: number of set flags, and their column indices first (ascending)."""
     cnt = flags.sum(1, dtype=torch.int32)
-    order = torch.sort(flags.to(torch.int8), dim=1, descending=True, stable=True).indices.to(torch.int32)
+    order = torch.sort(flags.to(torch.int32), dim=1, descending=True, stable=True).indices.to(torch.int32)
     return cnt.contiguous(), order.contiguous()
 
 
@@ -522,11 +527,15 @@ def _dot_flags(dtype: torch.dtype, interpret: Optional[bool] = None) -> tuple[bo
     return False, "tf32", "tf32"
 
 
-def _check_blocks(blocks):
+def _check_launch(blocks, q, k, programs_y: int):
     if blocks is not None:
         for blk in blocks:
             if blk < 16 or blk & (blk - 1):
                 raise ValueError(f"graph attention blocks must be powers of two >= 16, got {blocks}")
+    if programs_y > 65535:
+        raise ValueError(f"graph attention: B·H = {programs_y} programs exceed the grid limit 65535")
+    if max(q.numel(), k.numel()) >= 2**31:
+        raise ValueError("graph attention: q, k, v must have fewer than 2**31 elements (int32 offsets)")
 
 
 def forward(q, k, v, ell, temperature: Optional[float], seed: int, blocks: Optional[tuple[int, int]] = None):
@@ -543,8 +552,8 @@ def forward(q, k, v, ell, temperature: Optional[float], seed: int, blocks: Optio
         return o, lse
     if V == 0 or C == 0:
         return o.zero_(), lse.zero_()
-    _check_blocks(blocks)
-    bu, bv = blocks or default_blocks("fwd", C, q.dtype, U, V)
+    _check_launch(blocks, q, k, B * H)
+    bu, bv = blocks or default_blocks("fwd", C, q.dtype, U, V, temperature is not None)
     tiles = tile_lists(ell, bu, bv)
     sample = temperature is not None
     dot_f32, prec, _ = _dot_flags(q.dtype)
@@ -560,13 +569,16 @@ def forward(q, k, v, ell, temperature: Optional[float], seed: int, blocks: Optio
     return o, lse
 
 
-def default_heads_per_program(B: int, H: int, n_blocks: int) -> int:
+def default_heads_per_program(B: int, H: int, n_blocks: int, device=None) -> int:
     """Heads one backward program loops over: all of them (partial signature gradients per batch
-    element rather than per (batch, head): H× less to write and sum) when B·blocks programs
-    fill the GPU anyway, else one."""
+    element rather than per (batch, head): H× less to write and sum; 12.5 MB instead of 100 MB
+    at ImageNet shapes) when B·blocks programs still give every SM two waves, else one."""
     if interpreting():
         return H
-    return H if B * n_blocks >= 1024 else 1
+    sms = 132
+    if device is not None and torch.device(device).type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return H if B * n_blocks >= 2 * sms else 1
 
 
 def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Optional[float], seed: int,
@@ -585,14 +597,14 @@ def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Option
              torch.zeros((), dtype=torch.float32, device=dev))
     if B * H == 0 or U == 0 or V == 0 or C == 0:
         return (dq.zero_(), dk.zero_(), dv.zero_()) + zeros
-    _check_blocks(blocks)
-    bu_q, bv_q = blocks or default_blocks("dq", C, q.dtype, U, V)
+    _check_launch(blocks, q, k, B * H)
+    bu_q, bv_q = blocks or default_blocks("dq", C, q.dtype, U, V, temperature is not None)
     bu_k, bv_k = blocks or default_blocks("dkdv", C, q.dtype, U, V, temperature is not None)
     tiles_q = tile_lists(ell, bu_q, bv_q)
     tiles_k = tiles_q if (bu_k, bv_k) == (bu_q, bv_q) else tile_lists(ell, bu_k, bv_k)
     nub_q, nvb_q = triton.cdiv(U, bu_q), triton.cdiv(V, bv_q)
     nub_k, nvb_k = triton.cdiv(U, bu_k), triton.cdiv(V, bv_k)
-    hpp = heads_per_program or default_heads_per_program(B, H, min(nub_q, nvb_k))
+    hpp = heads_per_program or default_heads_per_program(B, H, min(nub_q, nvb_k), dev)
     if H % hpp:
         raise ValueError(f"heads_per_program={hpp} must divide H={H}")
     groups = B * (H // hpp)

@@ -193,7 +193,7 @@ def F_normalize(t):
 def test_scattered_clusters():
     U, V, S = 37, 50, 16
     sig_r, sig_s = clustered_signatures(U, V, S, 4, shuffle=True)
-    check_against_oracle(make_inputs(1, 2, U, V, 16, S, sig_r=sig_r, sig_s=sig_s), blocks=(16, 16), **MODES["sampled"])
+    check_against_oracle(make_inputs(1, 2, U, V, 16, S, sig_r=sig_r, sig_s=sig_s), blocks=(16, 32), **MODES["sampled"])
 
 
 @pytest.mark.parametrize("mode", ["deterministic", "sampled", "threshold"])
@@ -211,7 +211,7 @@ def test_rows_without_edges(mode):
     ell = reference.graph_log_affinity(sig_r, sig_s, inputs[5], 0.9, mode == "threshold")
     no_edge = ~(ell > float("-inf")).any(dim=1)
     assert no_edge[empty].all() and (~no_edge).sum() >= 10
-    out, grads = check_against_oracle(inputs, blocks=(16, 16), **MODES[mode])
+    out, grads = check_against_oracle(inputs, blocks=(16, 32), **MODES[mode])
     assert torch.equal(out[:, :, no_edge], torch.zeros_like(out[:, :, no_edge]))
     assert torch.equal(grads[0][:, :, no_edge], torch.zeros_like(grads[0][:, :, no_edge]))
     assert (out[:, :, ~no_edge].abs().sum(-1) > 0).all()
@@ -298,11 +298,9 @@ def test_heads_per_program_and_blocks_agree():
     torch.testing.assert_close(lse, lse32, atol=1e-6, rtol=1e-5)
     do = torch.randn_like(o)
     a = K.backward(do, q, k, v, o, lse, ell, sr, ss, 0.5, 11, True, blocks=(16, 16), heads_per_program=1)
-    b = K.backward(do, q, k, v, o, lse, ell, sr, ss, 0.5, 11, True, blocks=(16, 16), heads_per_program=2)
-    c = K.backward(do, q, k, v, o, lse, ell, sr, ss, 0.5, 11, True, blocks=(32, 64), heads_per_program=2)
-    for x, y, z in zip(a, b, c):
+    b = K.backward(do, q, k, v, o, lse, ell, sr, ss, 0.5, 11, True, blocks=(32, 64), heads_per_program=2)
+    for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(x, z, atol=1e-5, rtol=1e-5)
 
 
 def test_through_ops_and_layers_of_dispatch():
