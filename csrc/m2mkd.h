@@ -6,9 +6,9 @@
 // target attributes and picked at run time from the CPU's features, because the extension
 // itself is built for x86-64-v2 only.
 //
-// Environment (read once, at import): M2MKD_CPP_ISA=baseline|avx2|avx512 caps the instruction
+// Environment: M2MKD_CPP_ISA=baseline|avx2|avx512 (read at import) caps the instruction
 // set (never above the CPU's; m2mkd_fast._C.set_isa does the same at run time);
-// M2MKD_CPP_GENERIC=1 makes graph attention skip its head-dim-specialised float32 kernels
+// M2MKD_CPP_GENERIC=1 (read per call) makes graph attention skip its head-dim-specialised float32 kernels
 // (both only for testing and debugging).
 #pragma once
 
