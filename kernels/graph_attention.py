@@ -44,28 +44,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Tiles and launch configs per kernel, checked ahead of time for sm_80 and sm_90a (aot_specs,
+# Tiles and launch configs per kernel and GPU generation, checked ahead of time (aot_specs,
 # m2mkd_fast.kernels.report): (kind, 16-bit dtype?, head dim > 64?, sampled?) →
 # (BLOCK_U, BLOCK_V, num_warps allowed, num_stages allowed). The tensor-core dots need M ≥ 64 for
 # wgmma (BLOCK_U in fwd/dq, BLOCK_V in dk/dv); registers bound the rest: the backward holds
 # P, dP, dS, the sample and its derivative live beside three accumulators (dq and Σ g·ŝ_s, or
-# dk, dv and Σ g·ŝ_r), so its other tile side is 16, and the sampled backward runs unpipelined
-# (num_stages=1: the only spill-free choice on sm_80, where the report checks every config;
-# sm_90a alone would allow 2-3 stages). Marked (*): no spill-free choice was found (head dim 128
-# backward, 16-bit: 8-600 B of spills); the least-spilling one is used.
+# dk, dv and Σ g·ŝ_r), so its other tile side is 16. sm_80 (mma.sync keeps operand fragments in
+# registers) needs fewer configs than sm_90a: _TILES_SM80 overrides _TILES there; e.g. the
+# sampled backward runs unpipelined (num_stages=1) on sm_80, the only spill-free choice.
+# Marked (*): no spill-free choice was found (head dim 128 backward, 16-bit, sm_80: 30-1200 B
+# of spills); the least-spilling one is used.
 _TILES = {
     ("fwd", True, False, False): (64, 64, (4, 8), (2, 3)),
     ("fwd", True, False, True): (64, 32, (4, 8), (2, 3)),
     ("fwd", True, True, False): (64, 64, (4, 8), (2, 3)),
     ("fwd", True, True, True): (64, 32, (4, 8), (2, 3)),
-    ("dq", True, False, False): (64, 16, (4,), (2, 3)),
-    ("dq", True, False, True): (64, 16, (8,), (1,)),
+    ("dq", True, False, False): (64, 16, (4, 8), (2, 3)),
+    ("dq", True, False, True): (64, 16, (4, 8), (1, 2)),
     ("dq", True, True, False): (64, 16, (8,), (2, 3)),
-    ("dq", True, True, True): (64, 16, (8,), (2,)),  # (*)
+    ("dq", True, True, True): (64, 16, (8,), (2,)),
     ("dkdv", True, False, False): (32, 64, (8,), (2, 3)),
-    ("dkdv", True, False, True): (16, 64, (8,), (1,)),
-    ("dkdv", True, True, False): (16, 64, (8,), (2,)),  # (*)
-    ("dkdv", True, True, True): (16, 64, (8,), (2,)),  # (*)
+    ("dkdv", True, False, True): (16, 64, (8,), (1, 2)),
+    ("dkdv", True, True, False): (16, 64, (8,), (2,)),
+    ("dkdv", True, True, True): (16, 64, (8,), (2,)),
     # fp32 inputs: exact fp32 dots on the FMA units, small tiles
     ("fwd", False, False, False): (32, 16, (4, 8), (2, 3)),
     ("fwd", False, False, True): (32, 16, (4, 8), (2, 3)),
@@ -80,10 +81,27 @@ _TILES = {
     ("dkdv", False, True, False): (16, 16, (4,), (2, 3)),
     ("dkdv", False, True, True): (16, 16, (4,), (2, 3)),
 }
+_TILES_SM80 = {
+    ("dq", True, False, False): (64, 16, (4,), (2, 3)),
+    ("dq", True, False, True): (64, 16, (8,), (1,)),
+    ("dq", True, True, True): (64, 16, (8,), (2,)),  # (*)
+    ("dkdv", True, False, True): (16, 64, (8,), (1,)),
+    ("dkdv", True, True, False): (16, 64, (8,), (2,)),  # (*)
+    ("dkdv", True, True, True): (16, 64, (8,), (2,)),  # (*)
+}
+ARCHS = (80, 90)
 
 
-def _tile_entry(kind: str, dtype_is_16bit: bool, c_pad: int, sample: bool):
-    return _TILES[(kind, dtype_is_16bit, c_pad > 64, bool(sample))]
+def _arch(device) -> int:
+    """90 for Hopper and newer (the sm_90a tables), 80 otherwise."""
+    if interpreting() or torch.device(device).type != "cuda":
+        return 90
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def _tile_entry(kind: str, dtype_is_16bit: bool, c_pad: int, sample: bool, arch: int = 90):
+    key = (kind, dtype_is_16bit, c_pad > 64, bool(sample))
+    return (_TILES_SM80.get(key) if arch < 90 else None) or _TILES[key]
 
 
 def _configs():
@@ -98,7 +116,8 @@ def _keep_config(kind: str, num_warps: int, num_stages: int, meta: dict) -> bool
     """Whether the autotuner may try (num_warps, num_stages) for kernel ``kind`` (see _TILES)."""
     if interpreting():
         return True
-    _, _, warps, stages = _tile_entry(kind, meta["DOT_PREC"] != "ieee", meta["C_PAD"], meta["SAMPLE"])
+    arch = _arch(meta["Q"].device)
+    _, _, warps, stages = _tile_entry(kind, meta["DOT_PREC"] != "ieee", meta["C_PAD"], meta["SAMPLE"] == 1, arch)
     return num_warps in warps and num_stages in stages
 
 
@@ -171,6 +190,39 @@ def _relaxed_bernoulli(ell, kept, offs, seed, inv_t, EPS: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
+# the sample, once per (b, u, v)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sample_kernel(
+    ELL, CNT, LST, LB, JAC,
+    seed, inv_t, U, V, NVB,
+    BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, NEED_JAC: tl.constexpr, EPS: tl.constexpr,
+):
+    """LB[b,u,v] = ℓ_b (and JAC = ∂ℓ_b/∂ℓ) on the non-empty tiles of one receiver block of batch
+    element b. The sample is the same for every head: drawing it here once instead of in each
+    (batch, head) program divides its cost (~190 instructions per pair: Philox-10 and the
+    transcendental functions) by H. Kept pairs lie in listed tiles, so every one is written;
+    readers mask their loads with the kept pattern and never read the rest."""
+    pid_u = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
+    mask_u = offs_u < U
+    n_tiles = tl.load(CNT + pid_u)
+    for i in range(n_tiles):
+        vb = tl.load(LST + pid_u * NVB + i)
+        offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask = mask_u[:, None] & (offs_v < V)[None, :]
+        ell = tl.load(ELL + offs_u[:, None] * V + offs_v[None, :], mask=mask, other=float("-inf"))
+        offs_n = (b * U + offs_u[:, None]) * V + offs_v[None, :]
+        ell_b, jac = _relaxed_bernoulli(ell, ell > float("-inf"), offs_n, seed, inv_t, EPS)
+        tl.store(LB + offs_n, ell_b, mask=mask)
+        if NEED_JAC:
+            tl.store(JAC + offs_n, jac, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
 
@@ -178,7 +230,7 @@ def _relaxed_bernoulli(ell, kept, offs, seed, inv_t, EPS: tl.constexpr):
 @triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit
 def _fwd_kernel(
-    Q, K, Vt, O, LSE, ELL, CNT, LST,
+    Q, K, Vt, O, LSE, ELL, CNT, LST, LB,
     seed, inv_t, qk_scale,
     H, U, V, NVB,
     sqb, sqh, squ, sqc,
@@ -190,7 +242,8 @@ def _fwd_kernel(
     SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, EPS: tl.constexpr,
 ):
     """o and lse (base 2) for one receiver block of one (batch, head), walking the non-empty
-    tiles of its row of tiles with an online softmax."""
+    tiles of its row of tiles with an online softmax. SAMPLE: 0 scores use ℓ; 1 draw the
+    relaxed-Bernoulli sample here; 2 read it from LB [B,U,V] (written by _sample_kernel)."""
     pid_u = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -217,10 +270,13 @@ def _fwd_kernel(
         v = tl.load(Vt + b * svb + h * svh + offs_v[:, None] * svv + offs_c[None, :] * svc, mask=kv_mask, other=0.0)
         ell = tl.load(ELL + offs_u[:, None] * V + offs_v[None, :],
                       mask=mask_u[:, None] & mask_v[None, :], other=float("-inf"))
-        if SAMPLE:
+        if SAMPLE == 1:
             kept = ell > float("-inf")
             offs_n = (b * U + offs_u[:, None]) * V + offs_v[None, :]
             ell, _jac = _relaxed_bernoulli(ell, kept, offs_n, seed, inv_t, EPS)
+        elif SAMPLE == 2:
+            ell = tl.load(LB + (b * U + offs_u[:, None]) * V + offs_v[None, :], mask=ell > float("-inf"),
+                          other=float("-inf"))
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
         s = qk * qk_scale + ell * LOG2E
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -269,7 +325,7 @@ def _bwd_delta_kernel(
 @triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by=_pruner("dq"))
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, Vt, DO, DQ, LSE, DELTA, ELL, CNT, LST, SS, RR, DB,
+    Q, K, Vt, DO, DQ, LSE, DELTA, ELL, CNT, LST, SS, RR, DB, LB, JAC,
     seed, inv_t, qk_scale, sm_scale,
     H, HPP, U, V, NUB, NVB,
     sqb, sqh, squ, sqc,
@@ -324,9 +380,13 @@ def _bwd_dq_kernel(
             ell = tl.load(ELL + offs_u[:, None] * V + offs_v[None, :],
                           mask=mask_u[:, None] & mask_v[None, :], other=float("-inf"))
             kept = ell > float("-inf")
-            if SAMPLE:
+            if SAMPLE == 1:
                 offs_n = (b * U + offs_u[:, None]) * V + offs_v[None, :]
                 ell_b, jac = _relaxed_bernoulli(ell, kept, offs_n, seed, inv_t, EPS)
+            elif SAMPLE == 2:
+                offs_n = (b * U + offs_u[:, None]) * V + offs_v[None, :]
+                ell_b = tl.load(LB + offs_n, mask=kept, other=float("-inf"))
+                jac = tl.load(JAC + offs_n, mask=kept, other=0.0)
             else:
                 ell_b = ell
             qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
@@ -362,7 +422,7 @@ def _bwd_dq_kernel(
 @triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by=_pruner("dkdv"))
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, Vt, DO, DK, DV, LSE, DELTA, ELL, CNT, LST, SR, RS,
+    Q, K, Vt, DO, DK, DV, LSE, DELTA, ELL, CNT, LST, SR, RS, LB, JAC,
     seed, inv_t, qk_scale, sm_scale,
     H, HPP, U, V, NUB,
     sqb, sqh, squ, sqc,
@@ -411,9 +471,13 @@ def _bwd_dkdv_kernel(
             ell = tl.load(ELL + offs_u[None, :] * V + offs_v[:, None],
                           mask=mask_v[:, None] & mask_u[None, :], other=float("-inf"))  # [BV, BU]
             kept = ell > float("-inf")
-            if SAMPLE:
+            if SAMPLE == 1:
                 offs_n = (b * U + offs_u[None, :]) * V + offs_v[:, None]
                 ell_b, jac = _relaxed_bernoulli(ell, kept, offs_n, seed, inv_t, EPS)
+            elif SAMPLE == 2:
+                offs_n = (b * U + offs_u[None, :]) * V + offs_v[:, None]
+                ell_b = tl.load(LB + offs_n, mask=kept, other=float("-inf"))
+                jac = tl.load(JAC + offs_n, mask=kept, other=0.0)
             else:
                 ell_b = ell
             kq = _dot(k, tl.trans(q), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
@@ -466,13 +530,13 @@ def _pow2_at_least_16(n: int) -> int:
 
 
 def default_blocks(kind: str, head_dim: int, dtype: torch.dtype, U: int, V: int, sample: bool = False,
-                   interpret: Optional[bool] = None):
+                   interpret: Optional[bool] = None, arch: int = 90):
     """(BLOCK_U, BLOCK_V) of kernel ``kind`` ("fwd", "dq" or "dkdv"): the tiles it walks (_TILES;
     32×32 under the interpreter, whose cost is per operation), no larger than the problem."""
     if interpreting() if interpret is None else interpret:
         bu, bv = 32, 32
     else:
-        bu, bv, _, _ = _tile_entry(kind, dtype != torch.float32, _pow2_at_least_16(head_dim), sample)
+        bu, bv, _, _ = _tile_entry(kind, dtype != torch.float32, _pow2_at_least_16(head_dim), sample, arch)
     return min(bu, _pow2_at_least_16(U)), min(bv, _pow2_at_least_16(V))
 
 
@@ -538,11 +602,42 @@ def _check_launch(blocks, q, k, programs_y: int):
         raise ValueError("graph attention: q, k, v must have fewer than 2**31 elements (int32 offsets)")
 
 
-def forward(q, k, v, ell, temperature: Optional[float], seed: int, blocks: Optional[tuple[int, int]] = None):
+SAMPLE_CACHE = True  # default of the sample_cache arguments below
+
+
+def _sample_mode(temperature: Optional[float], sample_cache: Optional[bool]) -> int:
+    if temperature is None:
+        return 0
+    return 2 if (SAMPLE_CACHE if sample_cache is None else sample_cache) else 1
+
+
+def sample(ell, B: int, temperature: float, seed: int, need_jac: bool, blocks: Optional[tuple[int, int]] = None):
+    """(ℓ_b, ∂ℓ_b/∂ℓ or None) [B,U,V] fp32 on the kept pairs of ell (other entries unset): the
+    relaxed-Bernoulli sample drawn once per (b, u, v) for all heads. A transient of the pass
+    that uses it (B·U·V·4 bytes each: 189 MB at ImageNet B=64), never kept for the backward."""
+    U, V = ell.shape
+    bu, bv = blocks or ((32, 32) if interpreting() else (64, 64))
+    tiles = tile_lists(ell, bu, bv)
+    lb = _empty((B, U, V), torch.float32, ell.device)
+    jac = _empty((B, U, V), torch.float32, ell.device) if need_jac else None
+    if B > 65535:
+        raise ValueError(f"graph attention: B = {B} exceeds the grid limit 65535")
+    _sample_kernel[(triton.cdiv(U, bu), B)](
+        ell, tiles.cnt_u, tiles.lst_u, lb, jac if need_jac else lb,
+        int(seed), 1.0 / temperature, U, V, tiles.lst_u.shape[1],
+        BLOCK_U=bu, BLOCK_V=bv, NEED_JAC=need_jac, EPS=_FP32_EPS, num_warps=4 if interpreting() else 8,
+    )
+    return lb, jac
+
+
+def forward(q, k, v, ell, temperature: Optional[float], seed: int, blocks: Optional[tuple[int, int]] = None,
+            sample_cache: Optional[bool] = None):
     """(o [B,H,U,C] in q's dtype, lse [B,H,U] fp32, base 2, 0 on rows without an edge).
 
     q [B,H,U,C] · k, v [B,H,V,C] (any strides) · ell [U,V] fp32 from :func:`log_affinity`;
-    temperature None: scores use ℓ; a float: the relaxed-Bernoulli sample of stream ``seed``.
+    temperature None: scores use ℓ; a float: the relaxed-Bernoulli sample of stream ``seed``,
+    drawn once per (b, u, v) into a transient (:func:`sample`) when sample_cache (default
+    SAMPLE_CACHE), else in every (batch, head) program.
     """
     B, H, U, C = q.shape
     V = k.shape[2]
@@ -553,18 +648,19 @@ def forward(q, k, v, ell, temperature: Optional[float], seed: int, blocks: Optio
     if V == 0 or C == 0:
         return o.zero_(), lse.zero_()
     _check_launch(blocks, q, k, B * H)
-    bu, bv = blocks or default_blocks("fwd", C, q.dtype, U, V, temperature is not None)
+    mode = _sample_mode(temperature, sample_cache)
+    bu, bv = blocks or default_blocks("fwd", C, q.dtype, U, V, mode == 1, arch=_arch(q.device))
     tiles = tile_lists(ell, bu, bv)
-    sample = temperature is not None
+    lb = sample(ell, B, temperature, seed, False)[0] if mode == 2 else ell
     dot_f32, prec, _ = _dot_flags(q.dtype)
     sm_scale = 1.0 / math.sqrt(C)
     _fwd_kernel[(triton.cdiv(U, bu), B * H)](
-        q, k, v, o, lse, ell, tiles.cnt_u, tiles.lst_u,
-        int(seed), 1.0 / temperature if sample else 1.0, sm_scale * _LOG2E,
+        q, k, v, o, lse, ell, tiles.cnt_u, tiles.lst_u, lb,
+        int(seed), 1.0 / temperature if mode else 1.0, sm_scale * _LOG2E,
         H, U, V, tiles.lst_u.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         HEAD_DIM=C, C_PAD=_pow2_at_least_16(C), SIG_DIM=1, BLOCK_U=bu, BLOCK_V=bv,
-        SAMPLE=sample, DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS,
+        SAMPLE=mode, DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS,
     )
     return o, lse
 
@@ -582,7 +678,8 @@ def default_heads_per_program(B: int, H: int, n_blocks: int, device=None) -> int
 
 
 def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Optional[float], seed: int,
-             sig_grad: bool, blocks: Optional[tuple[int, int]] = None, heads_per_program: Optional[int] = None):
+             sig_grad: bool, blocks: Optional[tuple[int, int]] = None, heads_per_program: Optional[int] = None,
+             sample_cache: Optional[bool] = None):
     """(dq, dk, dv, rr [U,S], rs [V,S], db 0-dim), all fp32 but dq/dk/dv (inputs' dtypes), with
     g[u,v] = dL/dℓ[u,v] (summed over batch and heads; through the sample in sampled mode):
     rr = Σ_v g·ŝ_s[v], rs = Σ_u g·ŝ_r[u], db = Σ_{u,v} g·ℓ. Zeros for those when not sig_grad."""
@@ -598,8 +695,10 @@ def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Option
     if B * H == 0 or U == 0 or V == 0 or C == 0:
         return (dq.zero_(), dk.zero_(), dv.zero_()) + zeros
     _check_launch(blocks, q, k, B * H)
-    bu_q, bv_q = blocks or default_blocks("dq", C, q.dtype, U, V, temperature is not None)
-    bu_k, bv_k = blocks or default_blocks("dkdv", C, q.dtype, U, V, temperature is not None)
+    arch = _arch(dev)
+    mode = _sample_mode(temperature, sample_cache)
+    bu_q, bv_q = blocks or default_blocks("dq", C, q.dtype, U, V, mode == 1, arch=arch)
+    bu_k, bv_k = blocks or default_blocks("dkdv", C, q.dtype, U, V, mode == 1, arch=arch)
     tiles_q = tile_lists(ell, bu_q, bv_q)
     tiles_k = tiles_q if (bu_k, bv_k) == (bu_q, bv_q) else tile_lists(ell, bu_k, bv_k)
     nub_q, nvb_q = triton.cdiv(U, bu_q), triton.cdiv(V, bv_q)
@@ -608,11 +707,14 @@ def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Option
     if H % hpp:
         raise ValueError(f"heads_per_program={hpp} must divide H={H}")
     groups = B * (H // hpp)
-    sample = temperature is not None
+    if mode == 2:
+        lb, jac = sample(ell, B, temperature, seed, True)
+    else:
+        lb = jac = ell
     dot_f32, prec, sig_prec = _dot_flags(q.dtype)
     sm_scale = 1.0 / math.sqrt(C)
     c_pad, s_pad = _pow2_at_least_16(C), _pow2_at_least_16(S)
-    inv_t = 1.0 / temperature if sample else 1.0
+    inv_t = 1.0 / temperature if mode else 1.0
     sr = sig_r_hat.float().contiguous()
     ss = sig_s_hat.float().contiguous()
 
@@ -628,17 +730,17 @@ def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Option
         db = _empty((groups, nub_q), torch.float32, dev)
     else:
         rr = rs = db = torch.empty(1, dtype=torch.float32, device=dev)
-    common = dict(HEAD_DIM=C, C_PAD=c_pad, SIG_DIM=S, S_PAD=s_pad, SAMPLE=sample, SIG_GRAD=sig_grad,
+    common = dict(HEAD_DIM=C, C_PAD=c_pad, SIG_DIM=S, S_PAD=s_pad, SAMPLE=mode, SIG_GRAD=sig_grad,
                   DOT_F32=dot_f32, DOT_PREC=prec, SIG_PREC=sig_prec, EPS=_FP32_EPS)
     _bwd_dq_kernel[(nub_q, groups)](
-        q, k, v, do, dq, lse, delta, ell, tiles_q.cnt_u, tiles_q.lst_u, ss, rr, db,
+        q, k, v, do, dq, lse, delta, ell, tiles_q.cnt_u, tiles_q.lst_u, ss, rr, db, lb, jac,
         int(seed), inv_t, sm_scale * _LOG2E, sm_scale,
         H, hpp, U, V, nub_q, nvb_q,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         BLOCK_U=bu_q, BLOCK_V=bv_q, **common,
     )
     _bwd_dkdv_kernel[(nvb_k, groups)](
-        q, k, v, do, dk, dv, lse, delta, ell, tiles_k.cnt_v, tiles_k.lst_v, sr, rs,
+        q, k, v, do, dk, dv, lse, delta, ell, tiles_k.cnt_v, tiles_k.lst_v, sr, rs, lb, jac,
         int(seed), inv_t, sm_scale * _LOG2E, sm_scale,
         H, hpp, U, V, nub_k,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
@@ -656,7 +758,7 @@ def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Option
 _POINTER_ARGS = {
     "Q": "io", "K": "io", "Vt": "io", "O": "io", "DO": "io", "DQ": "io", "DK": "io", "DV": "io",
     "LSE": "*fp32", "DELTA": "*fp32", "ELL": "*fp32", "SS": "*fp32", "SR": "*fp32", "RR": "*fp32",
-    "RS": "*fp32", "DB": "*fp32", "CNT": "*i32", "LST": "*i32",
+    "RS": "*fp32", "DB": "*fp32", "CNT": "*i32", "LST": "*i32", "LB": "*fp32", "JAC": "*fp32",
 }
 _FLOAT_ARGS = {"inv_t", "qk_scale", "sm_scale"}
 
@@ -689,18 +791,19 @@ _AOT_KERNELS = {
 }
 
 
-def aot_spec_list(kind: str, dtype: torch.dtype, C: int, sample: bool, blocks=None, configs=None) -> list:
-    """KernelSpecs of kernel ``kind`` for one (dtype, head dim, mode): the launcher's tiles and
-    every autotune config it may pick (or the given ``blocks``/``configs``: (warps, stages) pairs)."""
-    import dataclasses
-
+def aot_spec_list(kind: str, dtype: torch.dtype, C: int, sample, arch: int = 90, blocks=None, configs=None) -> list:
+    """KernelSpecs of kernel ``kind`` for one (dtype, head dim, mode, GPU generation): the
+    launcher's tiles and every autotune config it may pick there (or the given ``blocks`` /
+    ``configs``: (warps, stages) pairs). sample: 0/False deterministic, 1/True sampled in the
+    kernel, 2 sampled from the per-pass cache."""
+    sample = int(sample)
     from .aot import KernelSpec, jit_function
 
     name, attr = _AOT_KERNELS[kind]
     kernel = globals()[attr]
     io_type = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     dot_f32, prec, sig_prec = _dot_flags(dtype, interpret=False)
-    bu, bv = blocks or default_blocks(kind, C, dtype, 1 << 20, 1 << 20, sample, interpret=False)
+    bu, bv = blocks or default_blocks(kind, C, dtype, 1 << 20, 1 << 20, sample == 1, interpret=False, arch=arch)
     constexprs = dict(HEAD_DIM=C, C_PAD=C, SIG_DIM=64, BLOCK_U=bu, BLOCK_V=bv, SAMPLE=sample,
                       DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS)
     if kind != "fwd":
@@ -709,11 +812,12 @@ def aot_spec_list(kind: str, dtype: torch.dtype, C: int, sample: bool, blocks=No
     constexprs.update({a: 1 for a in fn.arg_names if a.startswith("s") and a.endswith("c")})
     signature, divisible = _aot_signature(fn, io_type, constexprs)
     if configs is None:
-        _, _, warps, stages = _tile_entry(kind, dtype != torch.float32, C, sample)
+        _, _, warps, stages = _tile_entry(kind, dtype != torch.float32, C, sample == 1, arch)
         configs = [(w, st) for w in warps for st in stages]
-    variant = f"C={C},{'sampled' if sample else 'deterministic'},BU={bu},BV={bv}"
+    variant = f"C={C},{('deterministic', 'sampled', 'cached sample')[sample]},BU={bu},BV={bv}"
     return [
-        KernelSpec(name, fn, signature, dict(constexprs), io_type, w, st, f"{variant},w{w},s{st}", True, divisible)
+        KernelSpec(name, fn, signature, dict(constexprs), io_type, w, st, f"{variant},w{w},s{st}", True, divisible,
+                   (arch,))
         for w, st in configs
     ]
 
@@ -721,17 +825,24 @@ def aot_spec_list(kind: str, dtype: torch.dtype, C: int, sample: bool, blocks=No
 def aot_specs():
     """KernelSpecs of every kernel here, for the GPU builds (bf16 and fp32; C = 64 and 128;
     sampled and deterministic; signature gradients on), sampled C=64 first per kernel and dtype."""
+    from .aot import KernelSpec, jit_function, specs_for_configs
+
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
         for C in (64, 128):
-            for sample in (True, False):
+            for sample in (2, 1, 0):
                 for kind in _AOT_KERNELS:
-                    specs.extend(aot_spec_list(kind, dtype, C, sample))
+                    for arch in ARCHS:
+                        specs.extend(aot_spec_list(kind, dtype, C, sample, arch))
         io_type = "bf16" if dtype == torch.bfloat16 else "fp32"
         delta_const = dict(HEAD_DIM=64, C_PAD=64, BLOCK_U=64, soc=1, sdc=1)
         signature, divisible = _aot_signature(_bwd_delta_kernel, io_type, delta_const)
-        from .aot import specs_for_configs
-
         specs.extend(specs_for_configs("graph_attention_bwd_delta", _bwd_delta_kernel, signature, delta_const, io_type,
                                        False, divisible))
+    fn = jit_function(_sample_kernel)
+    for need_jac in (True, False):
+        constexprs = dict(BLOCK_U=64, BLOCK_V=64, NEED_JAC=need_jac, EPS=_FP32_EPS)
+        signature, divisible = _aot_signature(fn, "fp32", constexprs)
+        specs.append(KernelSpec("graph_attention_sample", fn, signature, constexprs, "fp32", 8, 3,
+                                f"BU=64,BV=64,{'with' if need_jac else 'without'} derivative,w8", False, ()))
     return specs

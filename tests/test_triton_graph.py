@@ -109,6 +109,32 @@ def test_matches_oracle(mode, dtype):
     check_against_oracle(inputs, **MODES[mode])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sampling_in_kernel_matches_oracle(monkeypatch, dtype):
+    """The sample drawn inside every (batch, head) program instead of once into the per-pass
+    cache (the default, which every other sampled test exercises)."""
+    monkeypatch.setattr(K, "SAMPLE_CACHE", False)
+    check_against_oracle(make_inputs(2, 2, 37, 50, 16, 16, dtype), **MODES["sampled"])
+
+
+def test_sample_cache_and_in_kernel_sampling_agree():
+    B, H, U, V, C, S = 2, 2, 20, 33, 16, 16
+    q, k, v, sig_r, sig_s, beta = make_inputs(B, H, U, V, C, S)
+    sr, ss = F_normalize(sig_r), F_normalize(sig_s)
+    ell = K.log_affinity(sr, ss, beta, 0.9, False)
+    lb, jac = K.sample(ell, B, 0.5, 21, True, blocks=(16, 16))
+    kept = (ell > float("-inf")).expand(B, U, V)
+    assert (lb[kept] <= 0).all() and (jac[kept] >= 0).all() and (jac[kept] > 0).any()
+    o1, lse1 = K.forward(q, k, v, ell, 0.5, 21, sample_cache=False)
+    o2, lse2 = K.forward(q, k, v, ell, 0.5, 21, sample_cache=True)
+    torch.testing.assert_close(o1, o2, atol=1e-6, rtol=1e-5)
+    do = torch.randn_like(o1)
+    g1 = K.backward(do, q, k, v, o1, lse1, ell, sr, ss, 0.5, 21, True, sample_cache=False)
+    g2 = K.backward(do, q, k, v, o2, lse2, ell, sr, ss, 0.5, 21, True, sample_cache=True)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "shape", [(1, 1, 7, 9, 8, 4), (2, 1, 1, 1, 16, 4), (1, 2, 37, 9, 16, 16)], ids=lambda s: "x".join(map(str, s))
 )
