@@ -5,8 +5,13 @@ scores[b,h,u,v] = q[b,h,u]·k[b,h,v]/√C + ℓ_b[u,v],  o[b,h,u] = softmax_v(sc
 ℓ comes from the signatures: dist = 1 − ŝ_r[u]·ŝ_s[v] (ŝ the unit-normalised signatures),
 ℓ = −dist/β where dist ≤ τ (ties kept) and −∞ elsewhere; ``truncation=None`` keeps every pair;
 threshold mode uses 0 where additionally dist/β ≤ ln 2. In sampled mode ℓ_b is the log of a
-relaxed-Bernoulli sample drawn in-kernel with ``tl.rand(seed, (b*U+u)*V+v)`` (the shared noise
-definition of the project), the same for all heads, recomputed identically in the backward.
+relaxed-Bernoulli sample drawn with ``tl.rand(seed, (b*U+u)*V+v)`` (the shared noise definition
+of the project), the same for all heads, recomputed identically in the backward. It costs ~190
+instructions per pair (Philox-10 and libdevice logs), far more than the pair's share of the
+matmuls, so by default it is drawn once per (b, u, v) and pass by :func:`sample` into a
+transient [B,U,V] buffer that the attention kernels read for every head (``SAMPLE_CACHE``;
+``sample_cache=False`` draws it inside each (batch, head) program instead: H× the work, no
+buffer).
 
 What is precomputed, in plain torch on the device without host synchronisation: the [U,V]
 matrix of ℓ (:func:`log_affinity`; batch- and head-independent, U·V·4 bytes = 2.9 MB at
