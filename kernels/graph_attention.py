@@ -608,6 +608,7 @@ def _check_launch(blocks, q, k, programs_y: int):
 
 
 SAMPLE_CACHE = True  # default of the sample_cache arguments below
+SAMPLE_TILE = None  # tiles of _sample_kernel; None: 64×64 (32×32 under the interpreter)
 
 
 def _sample_mode(temperature: Optional[float], sample_cache: Optional[bool]) -> int:
@@ -621,7 +622,7 @@ def sample(ell, B: int, temperature: float, seed: int, need_jac: bool, blocks: O
     relaxed-Bernoulli sample drawn once per (b, u, v) for all heads. A transient of the pass
     that uses it (B·U·V·4 bytes each: 189 MB at ImageNet B=64), never kept for the backward."""
     U, V = ell.shape
-    bu, bv = blocks or ((32, 32) if interpreting() else (64, 64))
+    bu, bv = blocks or SAMPLE_TILE or ((32, 32) if interpreting() else (64, 64))
     tiles = tile_lists(ell, bu, bv)
     lb = _empty((B, U, V), torch.float32, ell.device)
     jac = _empty((B, U, V), torch.float32, ell.device) if need_jac else None

@@ -199,8 +199,17 @@ def clustered_signatures(U, V, S, n_clusters, shuffle, gen_seed=0):
     return draw(U), draw(V)
 
 
+def poisoned(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
 @pytest.mark.parametrize("mode", ["deterministic", "sampled"])
-def test_skips_empty_tiles(mode):
+def test_skips_empty_tiles(mode, monkeypatch):
+    """Clustered signatures leave tiles empty; buffers are NaN-poisoned and the sample cache is
+    written on 16×16 tiles but read on 32×32 ones, so its unwritten (skipped) parts must never
+    be read."""
+    monkeypatch.setattr(K, "_empty", poisoned)
+    monkeypatch.setattr(K, "SAMPLE_TILE", (16, 16))
     U, V, S = 37, 50, 16
     sig_r, sig_s = clustered_signatures(U, V, S, 3, shuffle=False)
     inputs = make_inputs(1, 2, U, V, 16, S, sig_r=sig_r, sig_s=sig_s)
@@ -210,6 +219,7 @@ def test_skips_empty_tiles(mode):
     assert 0 < int(tiles.cnt_u.sum()) < total, "the clustered graph must leave some tiles empty"
     assert int(tiles.cnt_u.sum()) == int(tiles.cnt_v.sum())
     check_against_oracle(inputs, blocks=(16, 16), **MODES[mode])
+    check_against_oracle(inputs, blocks=(32, 32), **MODES[mode])
 
 
 def F_normalize(t):
@@ -301,10 +311,6 @@ def test_noncontiguous_inputs_and_expanded_grad():
 
 def test_poisoned_buffers(monkeypatch):
     """Every element of every kernel output is written: NaN-filled buffers leave no trace."""
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
     monkeypatch.setattr(K, "_empty", poisoned)
     inputs = make_inputs(2, 2, 37, 50, 16, 16)  # ragged tiles: 37 = 32 + 5, 50 = 32 + 18
     out, grads = check_against_oracle(inputs, **MODES["sampled"])
