@@ -12,6 +12,7 @@ import copy
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -218,7 +219,7 @@ def fingerprint(obj) -> str:
 def dump_config(cfg: dict, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     tmp.replace(path)

@@ -22,6 +22,7 @@ redoes it), and a phase killed midway is resumed from its ``last.safetensors``.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -62,7 +63,7 @@ def _read_json(path: Path):
 
 def _write_json(path: Path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: pairs may run side by side
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
     tmp.replace(path)
 
