@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     _student(p)
     p.add_argument("--module", default="all", metavar="I|all",
                    help="which module pair to train (0 .. num_stages-1), or 'all' in turn (default: all)")
+    p.add_argument("--pairs-in-parallel", action="store_true",
+                   help="under torchrun: each process trains its own share of the pairs alone (no DDP); "
+                        "without it every pair is trained by all processes together with DDP")
     for name in ("assemble", "finetune", "scratch"):
         p = sub.add_parser(name, help=PHASE_HELP[name], description=PHASE_HELP[name])
         _common(p)
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
             pipe.split_teacher()
         elif ph == "distill":
             module = args.module if args.module == "all" else _int(args.module, "--module")
-            pipe.distill(args.student, seed, module, resume)
+            pipe.distill(args.student, seed, module, resume, pairs_in_parallel=args.pairs_in_parallel)
         elif ph == "assemble":
             pipe.assemble(args.student, seed)
         elif ph == "finetune":

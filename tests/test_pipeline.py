@@ -196,6 +196,14 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, quick_run):
                    "--force", "--no-progress"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((quick_run / "seed0/nac/distill/module_1/done.json").read_text())["test_acc"] is not None
+    # pairs as independent processes: rank r trains pairs r, r+2 of the V-MoE student alone
+    before = {i: (quick_run / f"seed0/vmoe/distill/module_{i}/done.json").stat().st_mtime for i in range(4)}
+    r = _torchrun(["distill", "--config", "quick", "--run-dir", str(quick_run), "--student", "vmoe", "--module", "all",
+                   "--pairs-in-parallel", "--force", "--no-progress"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0: pairs [0, 2]" in r.stderr and "rank 1: pairs [1, 3]" in r.stderr
+    for i in range(4):
+        assert (quick_run / f"seed0/vmoe/distill/module_{i}/done.json").stat().st_mtime > before[i]
 
 
 def test_imagefolder_data_through_a_phase(tmp_path):

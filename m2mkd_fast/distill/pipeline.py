@@ -253,15 +253,32 @@ class Pipeline:
         model = build_model(st["model"], st["kwargs"], self.data)
         return model
 
-    def distill(self, kind: str, seed: int, module="all", resume=False):
-        """m2mKD pair(s): ``module`` an index or "all" (one after the other)."""
+    def distill(self, kind: str, seed: int, module="all", resume=False, pairs_in_parallel: bool = False):
+        """m2mKD pair(s): ``module`` an index or "all" (one after the other).
+
+        ``pairs_in_parallel`` (under torchrun): instead of training each pair with DDP over all
+        processes, process r trains pairs r, r + world, ... on its own device — the pairs are
+        independent (DESIGN §2.5), so this needs no communication until the final barrier."""
         meta = self.load_meta()
         teacher = self.load_teacher()
         n = meta.num_stages
-        indices = range(n) if module == "all" else [int(module)]
+        indices = list(range(n)) if module == "all" else [int(module)]
         for i in indices:
             if not 0 <= i < n:
                 raise ValueError(f"--module must be in [0, {n - 1}] or 'all', got {i}")
+        outer = self.ctx
+        if pairs_in_parallel and outer.distributed:
+            indices = indices[outer.rank::outer.world_size]
+            self.ctx = DistContext(0, 1, 0, outer.device)
+            log(f"rank {outer.rank}: pairs {indices} of {kind} seed {seed}")
+        try:
+            return self._distill_pairs(kind, seed, indices, resume, meta, teacher)
+        finally:
+            self.ctx = outer
+            outer.barrier()
+
+    def _distill_pairs(self, kind, seed, indices, resume, meta, teacher):
+        n = meta.num_stages
         out = {}
         for i in indices:
             full = self.build_student(kind, seed)
