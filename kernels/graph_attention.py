@@ -50,7 +50,7 @@ def interpreting() -> bool:
 
 
 # Tiles and launch configs per kernel and GPU generation, checked ahead of time (aot_specs,
-# m2mkd_fast.kernels.report): (kind, 16-bit dtype?, head dim > 64?, sampled?) →
+# m2mkd_fast.kernels.report): (kind, 16-bit dtype?, head dim > 64?, sample mode) →
 # (BLOCK_U, BLOCK_V, num_warps allowed, num_stages allowed). The tensor-core dots need M ≥ 64 for
 # wgmma (BLOCK_U in fwd/dq, BLOCK_V in dk/dv); registers bound the rest: the backward holds
 # P, dP, dS, the sample and its derivative live beside three accumulators (dq and Σ g·ŝ_s, or
@@ -60,39 +60,56 @@ def interpreting() -> bool:
 # Marked (*): no spill-free choice was found (head dim 128 backward, 16-bit, sm_80: 30-1200 B
 # of spills); the least-spilling one is used.
 _TILES = {
-    ("fwd", True, False, False): (64, 64, (4, 8), (2, 3)),
-    ("fwd", True, False, True): (64, 32, (4, 8), (2, 3)),
-    ("fwd", True, True, False): (64, 64, (4, 8), (2, 3)),
-    ("fwd", True, True, True): (64, 32, (4, 8), (2, 3)),
-    ("dq", True, False, False): (64, 16, (4, 8), (2, 3)),
-    ("dq", True, False, True): (64, 16, (4, 8), (1, 2)),
-    ("dq", True, True, False): (64, 16, (8,), (2, 3)),
-    ("dq", True, True, True): (64, 16, (8,), (2,)),
-    ("dkdv", True, False, False): (32, 64, (8,), (2, 3)),
-    ("dkdv", True, False, True): (16, 64, (8,), (1, 2)),
-    ("dkdv", True, True, False): (16, 64, (8,), (2,)),
-    ("dkdv", True, True, True): (16, 64, (8,), (2,)),
+    ("fwd", True, False, 0): (64, 64, (4, 8), (2, 3)),
+    ("fwd", True, False, 1): (64, 32, (4, 8), (2, 3)),
+    ("fwd", True, True, 0): (64, 64, (4, 8), (2, 3)),
+    ("fwd", True, True, 1): (64, 32, (4, 8), (2, 3)),
+    ("dq", True, False, 0): (64, 16, (4, 8), (2, 3)),
+    ("dq", True, False, 1): (64, 16, (4, 8), (1, 2)),
+    ("dq", True, True, 0): (64, 16, (8,), (2, 3)),
+    ("dq", True, True, 1): (64, 16, (8,), (2,)),
+    ("dkdv", True, False, 0): (32, 64, (8,), (2, 3)),
+    ("dkdv", True, False, 1): (16, 64, (8,), (1, 2)),
+    ("dkdv", True, True, 0): (16, 64, (8,), (2,)),
+    ("dkdv", True, True, 1): (16, 64, (8,), (2,)),
+    ("fwd", True, False, 2): (64, 64, (4, 8), (2, 3)),
+    ("fwd", True, True, 2): (64, 32, (8,), (2, 3)),
+    ("dq", True, False, 2): (64, 16, (8,), (2, 3)),
+    ("dq", True, True, 2): (64, 16, (8,), (2, 3)),
+    ("dkdv", True, False, 2): (16, 64, (8,), (2, 3)),
+    ("dkdv", True, True, 2): (16, 64, (8,), (2, 3)),
     # fp32 inputs: exact fp32 dots on the FMA units, small tiles
-    ("fwd", False, False, False): (32, 16, (4, 8), (2, 3)),
-    ("fwd", False, False, True): (32, 16, (4, 8), (2, 3)),
-    ("fwd", False, True, False): (32, 16, (8,), (2, 3)),
-    ("fwd", False, True, True): (32, 16, (8,), (2, 3)),
-    ("dq", False, False, False): (16, 16, (4, 8), (2, 3)),
-    ("dq", False, False, True): (16, 16, (4, 8), (2, 3)),
-    ("dq", False, True, False): (16, 16, (4, 8), (2, 3)),
-    ("dq", False, True, True): (16, 16, (4,), (2, 3)),
-    ("dkdv", False, False, False): (16, 16, (4,), (2, 3)),
-    ("dkdv", False, False, True): (16, 16, (8,), (2,)),
-    ("dkdv", False, True, False): (16, 16, (4,), (2, 3)),
-    ("dkdv", False, True, True): (16, 16, (4,), (2, 3)),
+    ("fwd", False, False, 0): (32, 16, (4, 8), (2, 3)),
+    ("fwd", False, False, 1): (32, 16, (4, 8), (2, 3)),
+    ("fwd", False, True, 0): (32, 16, (8,), (2, 3)),
+    ("fwd", False, True, 1): (32, 16, (8,), (2, 3)),
+    ("dq", False, False, 0): (16, 16, (4, 8), (2, 3)),
+    ("dq", False, False, 1): (16, 16, (4, 8), (2, 3)),
+    ("dq", False, True, 0): (16, 16, (4, 8), (2, 3)),
+    ("dq", False, True, 1): (16, 16, (4,), (2, 3)),
+    ("dkdv", False, False, 0): (16, 16, (4,), (2, 3)),
+    ("dkdv", False, False, 1): (16, 16, (8,), (2,)),
+    ("dkdv", False, True, 0): (16, 16, (4,), (2, 3)),
+    ("dkdv", False, True, 1): (16, 16, (4,), (2, 3)),
+    ("fwd", False, False, 2): (32, 16, (4, 8), (2, 3)),
+    ("fwd", False, True, 2): (32, 16, (8,), (2, 3)),
+    ("dq", False, False, 2): (16, 16, (4, 8), (2, 3)),
+    ("dq", False, True, 2): (16, 16, (4,), (2, 3)),
+    ("dkdv", False, False, 2): (16, 16, (8,), (2, 3)),
+    ("dkdv", False, True, 2): (16, 16, (4,), (2, 3)),
 }
 _TILES_SM80 = {
-    ("dq", True, False, False): (64, 16, (4,), (2, 3)),
-    ("dq", True, False, True): (64, 16, (8,), (1,)),
-    ("dq", True, True, True): (64, 16, (8,), (2,)),  # (*)
-    ("dkdv", True, False, True): (16, 64, (8,), (1,)),
-    ("dkdv", True, True, False): (16, 64, (8,), (2,)),  # (*)
-    ("dkdv", True, True, True): (16, 64, (8,), (2,)),  # (*)
+    ("dq", True, False, 0): (64, 16, (4,), (2, 3)),
+    ("dq", True, False, 1): (64, 16, (8,), (1,)),
+    ("dq", True, True, 1): (64, 16, (8,), (2,)),  # (*)
+    ("dkdv", True, False, 1): (16, 64, (8,), (1,)),
+    ("dkdv", True, True, 0): (16, 64, (8,), (2,)),  # (*)
+    ("dkdv", True, True, 1): (16, 64, (8,), (2,)),  # (*)
+    ("fwd", True, False, 2): (64, 64, (8,), (2, 3)),
+    ("dq", True, False, 2): (64, 16, (8,), (1,)),
+    ("dq", True, True, 2): (64, 16, (8,), (1,)),  # (*)
+    ("dkdv", True, False, 2): (16, 64, (8,), (1, 3)),
+    ("dkdv", True, True, 2): (16, 64, (8,), (1,)),  # (*)
 }
 ARCHS = (80, 90)
 
@@ -104,8 +121,9 @@ def _arch(device) -> int:
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
-def _tile_entry(kind: str, dtype_is_16bit: bool, c_pad: int, sample: bool, arch: int = 90):
-    key = (kind, dtype_is_16bit, c_pad > 64, bool(sample))
+def _tile_entry(kind: str, dtype_is_16bit: bool, c_pad: int, mode: int, arch: int = 90):
+    """mode: 0 deterministic/threshold, 1 sampled in the kernel, 2 sample read from the cache."""
+    key = (kind, dtype_is_16bit, c_pad > 64, int(mode))
     return (_TILES_SM80.get(key) if arch < 90 else None) or _TILES[key]
 
 
@@ -122,7 +140,7 @@ def _keep_config(kind: str, num_warps: int, num_stages: int, meta: dict) -> bool
     if interpreting():
         return True
     arch = _arch(meta["Q"].device)
-    _, _, warps, stages = _tile_entry(kind, meta["DOT_PREC"] != "ieee", meta["C_PAD"], meta["SAMPLE"] == 1, arch)
+    _, _, warps, stages = _tile_entry(kind, meta["DOT_PREC"] != "ieee", meta["C_PAD"], meta["SAMPLE"], arch)
     return num_warps in warps and num_stages in stages
 
 
@@ -202,14 +220,15 @@ def _relaxed_bernoulli(ell, kept, offs, seed, inv_t, EPS: tl.constexpr):
 @triton.jit
 def _sample_kernel(
     ELL, CNT, LST, LB, JAC,
-    seed, inv_t, U, V, NVB,
+    seed, inv_t, U, V, NVB, B0,
     BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, NEED_JAC: tl.constexpr, EPS: tl.constexpr,
 ):
     """LB[b,u,v] = ℓ_b (and JAC = ∂ℓ_b/∂ℓ) on the non-empty tiles of one receiver block of batch
     element b. The sample is the same for every head: drawing it here once instead of in each
     (batch, head) program divides its cost (~190 instructions per pair: Philox-10 and the
     transcendental functions) by H. Kept pairs lie in listed tiles, so every one is written;
-    readers mask their loads with the kept pattern and never read the rest."""
+    readers mask their loads with the kept pattern and never read the rest. Batch element b of
+    the buffers is b + B0 of the batch (the noise stream's index)."""
     pid_u = tl.program_id(0)
     b = tl.program_id(1)
     offs_u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -221,7 +240,7 @@ def _sample_kernel(
         mask = mask_u[:, None] & (offs_v < V)[None, :]
         ell = tl.load(ELL + offs_u[:, None] * V + offs_v[None, :], mask=mask, other=float("-inf"))
         offs_n = (b * U + offs_u[:, None]) * V + offs_v[None, :]
-        ell_b, jac = _relaxed_bernoulli(ell, ell > float("-inf"), offs_n, seed, inv_t, EPS)
+        ell_b, jac = _relaxed_bernoulli(ell, ell > float("-inf"), offs_n + B0 * U * V, seed, inv_t, EPS)
         tl.store(LB + offs_n, ell_b, mask=mask)
         if NEED_JAC:
             tl.store(JAC + offs_n, jac, mask=mask)
@@ -237,7 +256,7 @@ def _sample_kernel(
 def _fwd_kernel(
     Q, K, Vt, O, LSE, ELL, CNT, LST, LB,
     seed, inv_t, qk_scale,
-    H, U, V, NVB,
+    H, U, V, NVB, B0,
     sqb, sqh, squ, sqc,
     skb, skh, skv, skc,
     svb, svh, svv, svc,
@@ -277,7 +296,7 @@ def _fwd_kernel(
                       mask=mask_u[:, None] & mask_v[None, :], other=float("-inf"))
         if SAMPLE == 1:
             kept = ell > float("-inf")
-            offs_n = (b * U + offs_u[:, None]) * V + offs_v[None, :]
+            offs_n = ((b + B0) * U + offs_u[:, None]) * V + offs_v[None, :]
             ell, _jac = _relaxed_bernoulli(ell, kept, offs_n, seed, inv_t, EPS)
         elif SAMPLE == 2:
             ell = tl.load(LB + (b * U + offs_u[:, None]) * V + offs_v[None, :], mask=ell > float("-inf"),
@@ -332,7 +351,7 @@ def _bwd_delta_kernel(
 def _bwd_dq_kernel(
     Q, K, Vt, DO, DQ, LSE, DELTA, ELL, CNT, LST, SS, RR, DB, LB, JAC,
     seed, inv_t, qk_scale, sm_scale,
-    H, HPP, U, V, NUB, NVB,
+    H, HPP, U, V, NUB, NVB, B0,
     sqb, sqh, squ, sqc,
     skb, skh, skv, skc,
     svb, svh, svv, svc,
@@ -386,7 +405,7 @@ def _bwd_dq_kernel(
                           mask=mask_u[:, None] & mask_v[None, :], other=float("-inf"))
             kept = ell > float("-inf")
             if SAMPLE == 1:
-                offs_n = (b * U + offs_u[:, None]) * V + offs_v[None, :]
+                offs_n = ((b + B0) * U + offs_u[:, None]) * V + offs_v[None, :]
                 ell_b, jac = _relaxed_bernoulli(ell, kept, offs_n, seed, inv_t, EPS)
             elif SAMPLE == 2:
                 offs_n = (b * U + offs_u[:, None]) * V + offs_v[None, :]
@@ -429,7 +448,7 @@ def _bwd_dq_kernel(
 def _bwd_dkdv_kernel(
     Q, K, Vt, DO, DK, DV, LSE, DELTA, ELL, CNT, LST, SR, RS, LB, JAC,
     seed, inv_t, qk_scale, sm_scale,
-    H, HPP, U, V, NUB,
+    H, HPP, U, V, NUB, B0,
     sqb, sqh, squ, sqc,
     skb, skh, skv, skc,
     svb, svh, svv, svc,
@@ -477,7 +496,7 @@ def _bwd_dkdv_kernel(
                           mask=mask_v[:, None] & mask_u[None, :], other=float("-inf"))  # [BV, BU]
             kept = ell > float("-inf")
             if SAMPLE == 1:
-                offs_n = (b * U + offs_u[None, :]) * V + offs_v[:, None]
+                offs_n = ((b + B0) * U + offs_u[None, :]) * V + offs_v[:, None]
                 ell_b, jac = _relaxed_bernoulli(ell, kept, offs_n, seed, inv_t, EPS)
             elif SAMPLE == 2:
                 offs_n = (b * U + offs_u[None, :]) * V + offs_v[:, None]
@@ -534,14 +553,14 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def default_blocks(kind: str, head_dim: int, dtype: torch.dtype, U: int, V: int, sample: bool = False,
+def default_blocks(kind: str, head_dim: int, dtype: torch.dtype, U: int, V: int, mode: int = 0,
                    interpret: Optional[bool] = None, arch: int = 90):
     """(BLOCK_U, BLOCK_V) of kernel ``kind`` ("fwd", "dq" or "dkdv"): the tiles it walks (_TILES;
     32×32 under the interpreter, whose cost is per operation), no larger than the problem."""
     if interpreting() if interpret is None else interpret:
         bu, bv = 32, 32
     else:
-        bu, bv, _, _ = _tile_entry(kind, dtype != torch.float32, _pow2_at_least_16(head_dim), sample, arch)
+        bu, bv, _, _ = _tile_entry(kind, dtype != torch.float32, _pow2_at_least_16(head_dim), mode, arch)
     return min(bu, _pow2_at_least_16(U)), min(bv, _pow2_at_least_16(V))
 
 
@@ -608,6 +627,7 @@ def _check_launch(blocks, q, k, programs_y: int):
 
 
 SAMPLE_CACHE = True  # default of the sample_cache arguments below
+SAMPLE_CACHE_BYTES = 128 << 20  # the batch is processed in chunks whose sample fits this
 SAMPLE_TILE = None  # tiles of _sample_kernel; None: 64×64 (32×32 under the interpreter)
 
 
@@ -617,10 +637,21 @@ def _sample_mode(temperature: Optional[float], sample_cache: Optional[bool]) -> 
     return 2 if (SAMPLE_CACHE if sample_cache is None else sample_cache) else 1
 
 
-def sample(ell, B: int, temperature: float, seed: int, need_jac: bool, blocks: Optional[tuple[int, int]] = None):
+def _batch_chunks(B: int, U: int, V: int, mode: int, bytes_per_pair: int) -> list:
+    """[(b0, b1)]: the whole batch, or, with the sample cache, chunks whose cache fits
+    SAMPLE_CACHE_BYTES (the full cache is B·U·V·8 bytes in the backward: 377 MB at ImageNet
+    B=64; chunks of 21 keep it to 124 MB)."""
+    if mode != 2:
+        return [(0, B)]
+    step = max(1, min(B, SAMPLE_CACHE_BYTES // max(1, U * V * bytes_per_pair)))
+    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+
+
+def sample(ell, B: int, temperature: float, seed: int, need_jac: bool, blocks: Optional[tuple[int, int]] = None,
+           b0: int = 0):
     """(ℓ_b, ∂ℓ_b/∂ℓ or None) [B,U,V] fp32 on the kept pairs of ell (other entries unset): the
-    relaxed-Bernoulli sample drawn once per (b, u, v) for all heads. A transient of the pass
-    that uses it (B·U·V·4 bytes each: 189 MB at ImageNet B=64), never kept for the backward."""
+    relaxed-Bernoulli sample of batch elements b0 … b0+B−1, drawn once per (b, u, v) for all
+    heads. A transient of the pass that uses it, never kept for the backward."""
     U, V = ell.shape
     bu, bv = blocks or SAMPLE_TILE or ((32, 32) if interpreting() else (64, 64))
     tiles = tile_lists(ell, bu, bv)
@@ -630,7 +661,7 @@ def sample(ell, B: int, temperature: float, seed: int, need_jac: bool, blocks: O
         raise ValueError(f"graph attention: B = {B} exceeds the grid limit 65535")
     _sample_kernel[(triton.cdiv(U, bu), B)](
         ell, tiles.cnt_u, tiles.lst_u, lb, jac if need_jac else lb,
-        int(seed), 1.0 / temperature, U, V, tiles.lst_u.shape[1],
+        int(seed), 1.0 / temperature, U, V, tiles.lst_u.shape[1], b0,
         BLOCK_U=bu, BLOCK_V=bv, NEED_JAC=need_jac, EPS=_FP32_EPS, num_warps=4 if interpreting() else 8,
     )
     return lb, jac
@@ -642,8 +673,9 @@ def forward(q, k, v, ell, temperature: Optional[float], seed: int, blocks: Optio
 
     q [B,H,U,C] · k, v [B,H,V,C] (any strides) · ell [U,V] fp32 from :func:`log_affinity`;
     temperature None: scores use ℓ; a float: the relaxed-Bernoulli sample of stream ``seed``,
-    drawn once per (b, u, v) into a transient (:func:`sample`) when sample_cache (default
-    SAMPLE_CACHE), else in every (batch, head) program.
+    drawn once per (b, u, v) into a transient (:func:`sample`; batch chunks of at most
+    SAMPLE_CACHE_BYTES) when sample_cache (default SAMPLE_CACHE), else in every (batch, head)
+    program.
     """
     B, H, U, C = q.shape
     V = k.shape[2]
@@ -655,19 +687,22 @@ def forward(q, k, v, ell, temperature: Optional[float], seed: int, blocks: Optio
         return o.zero_(), lse.zero_()
     _check_launch(blocks, q, k, B * H)
     mode = _sample_mode(temperature, sample_cache)
-    bu, bv = blocks or default_blocks("fwd", C, q.dtype, U, V, mode == 1, arch=_arch(q.device))
+    bu, bv = blocks or default_blocks("fwd", C, q.dtype, U, V, mode, arch=_arch(q.device))
     tiles = tile_lists(ell, bu, bv)
-    lb = sample(ell, B, temperature, seed, False)[0] if mode == 2 else ell
     dot_f32, prec, _ = _dot_flags(q.dtype)
     sm_scale = 1.0 / math.sqrt(C)
-    _fwd_kernel[(triton.cdiv(U, bu), B * H)](
-        q, k, v, o, lse, ell, tiles.cnt_u, tiles.lst_u, lb,
-        int(seed), 1.0 / temperature if mode else 1.0, sm_scale * _LOG2E,
-        H, U, V, tiles.lst_u.shape[1],
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        HEAD_DIM=C, C_PAD=_pow2_at_least_16(C), SIG_DIM=1, BLOCK_U=bu, BLOCK_V=bv,
-        SAMPLE=mode, DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS,
-    )
+    for b0, b1 in _batch_chunks(B, U, V, mode, 4):
+        lb = sample(ell, b1 - b0, temperature, seed, False, b0=b0)[0] if mode == 2 else ell
+        qc, kc, vc, oc = q[b0:b1], k[b0:b1], v[b0:b1], o[b0:b1]
+        _fwd_kernel[(triton.cdiv(U, bu), (b1 - b0) * H)](
+            qc, kc, vc, oc, lse[b0:b1], ell, tiles.cnt_u, tiles.lst_u, lb,
+            int(seed), 1.0 / temperature if mode else 1.0, sm_scale * _LOG2E,
+            H, U, V, tiles.lst_u.shape[1], b0,
+            *qc.stride(), *kc.stride(), *vc.stride(), *oc.stride(),
+            HEAD_DIM=C, C_PAD=_pow2_at_least_16(C), SIG_DIM=1, BLOCK_U=bu, BLOCK_V=bv,
+            SAMPLE=mode, DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS,
+        )
+        del lb
     return o, lse
 
 
@@ -703,20 +738,12 @@ def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Option
     _check_launch(blocks, q, k, B * H)
     arch = _arch(dev)
     mode = _sample_mode(temperature, sample_cache)
-    bu_q, bv_q = blocks or default_blocks("dq", C, q.dtype, U, V, mode == 1, arch=arch)
-    bu_k, bv_k = blocks or default_blocks("dkdv", C, q.dtype, U, V, mode == 1, arch=arch)
+    bu_q, bv_q = blocks or default_blocks("dq", C, q.dtype, U, V, mode, arch=arch)
+    bu_k, bv_k = blocks or default_blocks("dkdv", C, q.dtype, U, V, mode, arch=arch)
     tiles_q = tile_lists(ell, bu_q, bv_q)
     tiles_k = tiles_q if (bu_k, bv_k) == (bu_q, bv_q) else tile_lists(ell, bu_k, bv_k)
     nub_q, nvb_q = triton.cdiv(U, bu_q), triton.cdiv(V, bv_q)
     nub_k, nvb_k = triton.cdiv(U, bu_k), triton.cdiv(V, bv_k)
-    hpp = heads_per_program or default_heads_per_program(B, H, min(nub_q, nvb_k), dev)
-    if H % hpp:
-        raise ValueError(f"heads_per_program={hpp} must divide H={H}")
-    groups = B * (H // hpp)
-    if mode == 2:
-        lb, jac = sample(ell, B, temperature, seed, True)
-    else:
-        lb = jac = ell
     dot_f32, prec, sig_prec = _dot_flags(q.dtype)
     sm_scale = 1.0 / math.sqrt(C)
     c_pad, s_pad = _pow2_at_least_16(C), _pow2_at_least_16(S)
@@ -730,31 +757,45 @@ def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Option
         o, do, delta, H, U, *o.stride(), *do.stride(),
         HEAD_DIM=C, C_PAD=c_pad, BLOCK_U=bu_d,
     )
-    if sig_grad:
-        rr = _empty((groups, U, S), torch.float32, dev)
-        rs = _empty((groups, V, S), torch.float32, dev)
-        db = _empty((groups, nub_q), torch.float32, dev)
-    else:
-        rr = rs = db = torch.empty(1, dtype=torch.float32, device=dev)
     common = dict(HEAD_DIM=C, C_PAD=c_pad, SIG_DIM=S, S_PAD=s_pad, SAMPLE=mode, SIG_GRAD=sig_grad,
                   DOT_F32=dot_f32, DOT_PREC=prec, SIG_PREC=sig_prec, EPS=_FP32_EPS)
-    _bwd_dq_kernel[(nub_q, groups)](
-        q, k, v, do, dq, lse, delta, ell, tiles_q.cnt_u, tiles_q.lst_u, ss, rr, db, lb, jac,
-        int(seed), inv_t, sm_scale * _LOG2E, sm_scale,
-        H, hpp, U, V, nub_q, nvb_q,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        BLOCK_U=bu_q, BLOCK_V=bv_q, **common,
-    )
-    _bwd_dkdv_kernel[(nvb_k, groups)](
-        q, k, v, do, dk, dv, lse, delta, ell, tiles_k.cnt_v, tiles_k.lst_v, sr, rs, lb, jac,
-        int(seed), inv_t, sm_scale * _LOG2E, sm_scale,
-        H, hpp, U, V, nub_k,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        BLOCK_U=bu_k, BLOCK_V=bv_k, **common,
-    )
-    if not sig_grad:
-        return (dq, dk, dv) + zeros
-    return dq, dk, dv, rr.sum(0), rs.sum(0), db.sum()
+    rr_sum, rs_sum, db_sum = zeros
+    for b0, b1 in _batch_chunks(B, U, V, mode, 8):
+        bc = b1 - b0
+        hpp = heads_per_program or default_heads_per_program(bc, H, min(nub_q, nvb_k), dev)
+        if H % hpp:
+            raise ValueError(f"heads_per_program={hpp} must divide H={H}")
+        groups = bc * (H // hpp)
+        if mode == 2:
+            lb, jac = sample(ell, bc, temperature, seed, True, b0=b0)
+        else:
+            lb = jac = ell
+        if sig_grad:
+            rr = _empty((groups, U, S), torch.float32, dev)
+            rs = _empty((groups, V, S), torch.float32, dev)
+            db = _empty((groups, nub_q), torch.float32, dev)
+        else:
+            rr = rs = db = torch.empty(1, dtype=torch.float32, device=dev)
+        qc, kc, vc, doc = q[b0:b1], k[b0:b1], v[b0:b1], do[b0:b1]
+        dqc, dkc, dvc, lsec, deltac = dq[b0:b1], dk[b0:b1], dv[b0:b1], lse[b0:b1], delta[b0:b1]
+        _bwd_dq_kernel[(nub_q, groups)](
+            qc, kc, vc, doc, dqc, lsec, deltac, ell, tiles_q.cnt_u, tiles_q.lst_u, ss, rr, db, lb, jac,
+            int(seed), inv_t, sm_scale * _LOG2E, sm_scale,
+            H, hpp, U, V, nub_q, nvb_q, b0,
+            *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *dqc.stride(),
+            BLOCK_U=bu_q, BLOCK_V=bv_q, **common,
+        )
+        _bwd_dkdv_kernel[(nvb_k, groups)](
+            qc, kc, vc, doc, dkc, dvc, lsec, deltac, ell, tiles_k.cnt_v, tiles_k.lst_v, sr, rs, lb, jac,
+            int(seed), inv_t, sm_scale * _LOG2E, sm_scale,
+            H, hpp, U, V, nub_k, b0,
+            *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *dkc.stride(), *dvc.stride(),
+            BLOCK_U=bu_k, BLOCK_V=bv_k, **common,
+        )
+        del lb, jac
+        if sig_grad:
+            rr_sum, rs_sum, db_sum = rr_sum + rr.sum(0), rs_sum + rs.sum(0), db_sum + db.sum()
+    return dq, dk, dv, rr_sum, rs_sum, db_sum
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,7 +850,7 @@ def aot_spec_list(kind: str, dtype: torch.dtype, C: int, sample, arch: int = 90,
     kernel = globals()[attr]
     io_type = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     dot_f32, prec, sig_prec = _dot_flags(dtype, interpret=False)
-    bu, bv = blocks or default_blocks(kind, C, dtype, 1 << 20, 1 << 20, sample == 1, interpret=False, arch=arch)
+    bu, bv = blocks or default_blocks(kind, C, dtype, 1 << 20, 1 << 20, sample, interpret=False, arch=arch)
     constexprs = dict(HEAD_DIM=C, C_PAD=C, SIG_DIM=64, BLOCK_U=bu, BLOCK_V=bv, SAMPLE=sample,
                       DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS)
     if kind != "fwd":
@@ -818,7 +859,7 @@ def aot_spec_list(kind: str, dtype: torch.dtype, C: int, sample, arch: int = 90,
     constexprs.update({a: 1 for a in fn.arg_names if a.startswith("s") and a.endswith("c")})
     signature, divisible = _aot_signature(fn, io_type, constexprs)
     if configs is None:
-        _, _, warps, stages = _tile_entry(kind, dtype != torch.float32, C, sample == 1, arch)
+        _, _, warps, stages = _tile_entry(kind, dtype != torch.float32, C, sample, arch)
         configs = [(w, st) for w in warps for st in stages]
     variant = f"C={C},{('deterministic', 'sampled', 'cached sample')[sample]},BU={bu},BV={bv}"
     return [

@@ -117,8 +117,10 @@ def test_sampling_in_kernel_matches_oracle(monkeypatch, dtype):
     check_against_oracle(make_inputs(2, 2, 37, 50, 16, 16, dtype), **MODES["sampled"])
 
 
-def test_sample_cache_and_in_kernel_sampling_agree():
-    B, H, U, V, C, S = 2, 2, 20, 33, 16, 16
+def test_sample_cache_and_in_kernel_sampling_agree(monkeypatch):
+    """In-kernel sampling, and the cache over the whole batch or in chunks (one batch element
+    each here: the noise stream must follow the batch index across chunks) agree."""
+    B, H, U, V, C, S = 3, 2, 20, 33, 16, 16
     q, k, v, sig_r, sig_s, beta = make_inputs(B, H, U, V, C, S)
     sr, ss = F_normalize(sig_r), F_normalize(sig_s)
     ell = K.log_affinity(sr, ss, beta, 0.9, False)
@@ -133,6 +135,13 @@ def test_sample_cache_and_in_kernel_sampling_agree():
     g2 = K.backward(do, q, k, v, o2, lse2, ell, sr, ss, 0.5, 21, True, sample_cache=True)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(K, "SAMPLE_CACHE_BYTES", U * V * 8)
+    assert len(K._batch_chunks(B, U, V, 2, 8)) == B
+    o3, lse3 = K.forward(q, k, v, ell, 0.5, 21, sample_cache=True)
+    torch.testing.assert_close(o3, o2, atol=0, rtol=0)
+    g3 = K.backward(do, q, k, v, o3, lse3, ell, sr, ss, 0.5, 21, True, sample_cache=True)
+    for a, b in zip(g3, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
