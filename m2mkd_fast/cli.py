@@ -125,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(student, seed) pipelines; 1 = everything in this process (default: reproduce.jobs)")
     p.add_argument("--report-dir", default=None, metavar="DIR",
                    help="also copy REPORT.md, results.json, config.yaml and figures/ here (e.g. results/)")
+    p = sub.add_parser("bench", help="benchmark the ops and one m2mKD pair step, every formulation side by side",
+                       description="Benchmark every op family (every available backend beside the seed's formulation "
+                                   "and the peers of DESIGN §3), sweeps, and one m2mKD pair training step; writes "
+                                   "REPORT.md, bench.json and PNG plots into --out.")
+    p.add_argument("what", nargs="?", default="all", choices=["ops", "step", "all"], help="what to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="small shapes and short timings (a smoke test)")
+    p.add_argument("--out", default="bench-results", metavar="DIR", help="output directory (default: bench-results)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
+                   help="print B's median times over A's for every case both ran, and run nothing")
     p = sub.add_parser("presets", help="list the shipped presets", description="list the shipped presets")
     p = sub.add_parser("show-config", help="print the resolved config (preset + overrides) as YAML",
                        description="print the resolved config (preset + overrides) as YAML")
@@ -142,6 +152,8 @@ def main(argv=None) -> int:
     report.COMMAND_LINE = " ".join(["m2mkd-fast"] + argv)
     from .distill.config import ConfigError, available_presets, load_config
 
+    if args.phase == "bench":
+        return _bench(args)
     if args.phase == "presets":
         for name in available_presets():
             print(name)
@@ -217,6 +229,17 @@ def main(argv=None) -> int:
         return 1
     finally:
         pipe.ctx.close()
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import report, suite
+
+    if args.compare:
+        print(report.compare(*args.compare))
+        return 0
+    suite.run(args.what, quick=args.quick, out=args.out, device=args.device)
+    print(f"m2mkd-fast bench: wrote {args.out}/REPORT.md, {args.out}/bench.json and the sweep plots")
     return 0
 
 

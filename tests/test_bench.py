@@ -10,9 +10,11 @@ from m2mkd_fast.bench import report, suite
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    from m2mkd_fast.cli import main
+
     out = tmp_path_factory.mktemp("bench")
-    results = suite.run("all", quick=True, out=str(out))
-    return out, results
+    assert main(["bench", "all", "--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "bench.json").read_text())
 
 
 def test_quick_run_writes_report_plots_and_json(quick_run):
@@ -56,3 +58,13 @@ def test_compare_prints_ratios(quick_run, tmp_path):
     table = report.compare(str(out / "bench.json"), str(b))
     rows = [line for line in table.splitlines() if line.startswith("| ") and "B / A" not in line]
     assert rows and all(line.rstrip(" |").endswith("2.00") for line in rows)
+
+
+def test_cli_compare(quick_run, capsys):
+    from m2mkd_fast.cli import main
+
+    out, _ = quick_run
+    path = str(out / "bench.json")
+    assert main(["bench", "--compare", path, path]) == 0
+    printed = capsys.readouterr().out
+    assert "| B / A |" in printed and "| 1.00 |" in printed
