@@ -1,5 +1,6 @@
 """The result of top-k expert routing, shared by the oracle and every backend."""
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -29,3 +30,25 @@ class Routing(NamedTuple):
     @property
     def num_experts(self) -> int:
         return self.counts.shape[0]
+
+
+def expert_capacity(group_size: int, k: int, capacity_factor: Optional[float], num_experts: int) -> Optional[int]:
+    """Per-expert, per-group capacity (DESIGN §2.1): ceil((S·k)·cf/E) on Python floats, in that
+    order, rounded up to a multiple of 4.
+
+    None when dropless (capacity_factor None); 0 for an empty group; ValueError if cf ≤ 0 or the
+    capacity is below 1.
+    """
+    if capacity_factor is None:
+        return None
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+    if group_size == 0:
+        return 0
+    capacity = math.ceil((group_size * k) * capacity_factor / num_experts)
+    if capacity < 1:
+        raise ValueError(
+            f"expert capacity {capacity} < 1 (group_size={group_size}, k={k}, "
+            f"capacity_factor={capacity_factor}, num_experts={num_experts})"
+        )
+    return -(-capacity // 4) * 4

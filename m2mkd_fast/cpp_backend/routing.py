@@ -9,15 +9,14 @@ autograd ops on [T, k] (a gather for "vmoe", a softmax over the k chosen logits 
 differentiable w.r.t. the logits. Every dtype torch.softmax accepts works.
 """
 
-import math
 from typing import Optional
 
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.m2mkd_fast_cpp)
-from ..routing_result import Routing
+from ..routing_result import Routing, expert_capacity
 
-__all__ = ["route", "expert_capacity"]
+__all__ = ["route"]
 
 _ops = torch.ops.m2mkd_fast_cpp
 
@@ -30,23 +29,6 @@ def _route_topk_fake(scores, k):
 @torch.library.register_fake("m2mkd_fast_cpp::route_slots")
 def _route_slots_fake(expert, priority, num_experts, capacity, group_size):
     return torch.empty_like(expert), expert.new_empty(num_experts)
-
-
-def expert_capacity(group_size: int, k: int, capacity_factor: Optional[float], num_experts: int) -> Optional[int]:
-    """ceil((S·k)·cf/E) on Python floats, rounded up to a multiple of 4; None when dropless."""
-    if capacity_factor is None:
-        return None
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
-    if group_size == 0:
-        return 0
-    capacity = math.ceil((group_size * k) * capacity_factor / num_experts)
-    if capacity < 1:
-        raise ValueError(
-            f"expert capacity {capacity} < 1 (group_size={group_size}, k={k}, "
-            f"capacity_factor={capacity_factor}, num_experts={num_experts})"
-        )
-    return ((capacity + 3) // 4) * 4
 
 
 def route(

@@ -8,32 +8,11 @@ CUDA graphs. Conventions (dropped pairs keep their weight, BPR priority = first-
 T = 0) are those of ``m2mkd_fast.reference.routing``.
 """
 
-import math
 from typing import Optional
 
 import torch
 
-from ..routing_result import Routing
-
-
-def expert_capacity(group_size: int, k: int, capacity_factor: Optional[float], num_experts: int) -> Optional[int]:
-    """ceil((S·k)·cf/E) on Python floats, in that order, rounded up to a multiple of 4.
-
-    None for dropless (capacity_factor None); 0 for an empty group; ValueError if cf ≤ 0.
-    """
-    if capacity_factor is None:
-        return None
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
-    if group_size == 0:
-        return 0
-    capacity = math.ceil((group_size * k) * capacity_factor / num_experts)
-    if capacity < 1:
-        raise ValueError(
-            f"expert capacity {capacity} < 1 (group_size={group_size}, k={k}, "
-            f"capacity_factor={capacity_factor}, num_experts={num_experts})"
-        )
-    return -(-capacity // 4) * 4
+from ..routing_result import Routing, expert_capacity
 
 
 def choose_experts(logits: torch.Tensor, k: int, gate: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,37 +7,15 @@ capacity is computed on the host from Python numbers (T, k, cf, E): nothing is r
 the device. Integer outputs equal the oracle's (m2mkd_fast.reference.routing) exactly.
 """
 
-import math
 from typing import Optional
 
 import torch
 
 from ..kernels import moe_routing as _k
-from ..routing_result import Routing
+from ..routing_result import Routing, expert_capacity
 
 _NS = "m2mkd_fast_triton"
 GATES = ("vmoe", "naive")
-
-
-def expert_capacity(group_size: int, k: int, capacity_factor: Optional[float], num_experts: int) -> Optional[int]:
-    """ceil((S·k)·cf/E) on Python floats, in that order, rounded up to a multiple of 4.
-
-    None when dropless (capacity_factor None); 0 for an empty group; ValueError if cf ≤ 0 or the
-    capacity is below 1.
-    """
-    if capacity_factor is None:
-        return None
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
-    if group_size == 0:
-        return 0
-    capacity = math.ceil((group_size * k) * capacity_factor / num_experts)
-    if capacity < 1:
-        raise ValueError(
-            f"expert capacity {capacity} < 1 (group_size={group_size}, k={k}, "
-            f"capacity_factor={capacity_factor}, num_experts={num_experts})"
-        )
-    return -(-capacity // 4) * 4
 
 
 @torch.library.custom_op(f"{_NS}::route", mutates_args=(), device_types=("cuda", "cpu"))
