@@ -9,7 +9,7 @@ from m2mkd_fast.data.datasets import DataBundle
 from m2mkd_fast.distill.checkpoint import CheckpointError
 from m2mkd_fast.distill.nac_students import NACMediatorStudent, NACReadInStudent, NACReadOutStudent
 from m2mkd_fast.distill.students import assemble, build_model, check_stage_composition, module_state, pair_student
-from m2mkd_fast.distill.tasks import EndToEnd, PairTask, model_aux_loss
+from m2mkd_fast.distill.tasks import EndToEnd, IncubationTask, PairTask, model_aux_loss
 
 DATA = DataBundle(None, None, 10, 1, 28, (0.5,), (0.5,), "t", "t")
 STUDENTS = [("vmoe", "vmoe_micro", {"num_stages": 4}), ("vmoe", "vmoe_micro_all", {"num_stages": 4}),
@@ -136,3 +136,23 @@ def test_end_to_end_aux_losses():
     vit = build_model("staged_vit_micro", {}, DATA)
     vit(torch.randn(2, 1, 28, 28))
     assert model_aux_loss(vit).item() == 0.0
+
+
+def test_incubation_trains_one_teacher_module_inside_the_meta(frozen):
+    meta, _ = frozen
+    teacher = build_model("staged_vit_micro", {"num_stages": 4}, DATA)
+    x = torch.randn(3, 1, 28, 28)
+    for i in (0, 2, 3):
+        task = IncubationTask(meta, teacher.stages[i], i).train()
+        logits, t, aux = task(x)
+        assert t is None and aux is None and logits.shape == (3, 10)
+        with torch.no_grad():
+            h = meta(x, 0, i) if i else x
+            want = meta(teacher(h, i, i + 1), i + 1, 4) if i < 3 else teacher(h, i, 4)
+        assert torch.allclose(logits, want, atol=1e-6)
+        logits.sum().backward()
+        names = {n for n, p in task.named_parameters() if p.requires_grad}
+        assert names == {f"module.{n}" for n, _ in teacher.stages[i].named_parameters()}
+        assert all(task.get_parameter(n).grad is not None for n in names)
+        assert all(p.grad is None for p in meta.parameters())
+        teacher.zero_grad(set_to_none=True)

@@ -44,6 +44,9 @@ def test_quick_reproduce_writes_report_and_every_phase_output(quick_run):
         assert any(r["kind"] == "epoch" for r in recs) and any(r["kind"] == "train" for r in recs)
         assert not (root / d / "last.safetensors").exists()  # removed once done
     assert len(list((root / "teacher_modules").glob("module_*.safetensors"))) == 4
+    # the quick preset incubates the teacher modules in the meta model before m2mKD
+    _, meta = load_weights(root / "teacher_modules" / "module_3.safetensors")
+    assert meta["incubated"] is True and (root / "teacher_incubate/module_3/model.safetensors").is_file()
     for kind in ("nac", "vmoe"):
         for which in ("finetune", "scratch"):
             ev = json.loads((root / f"seed0/{kind}/eval_{which}.json").read_text())

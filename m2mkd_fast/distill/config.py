@@ -145,6 +145,7 @@ def validate(cfg: dict) -> dict:
     for sect in ("meta", "teacher"):
         tr = cfg[sect]["train"]
         _check_train(tr, f"{sect}.train", need)
+    _check_train(cfg["teacher"]["incubate"], "teacher.incubate", need)
     for name in STUDENTS:
         st = cfg["students"][name]
         for ph in ("distill", "finetune"):
@@ -186,7 +187,7 @@ def _check_train(tr, key, need):
     need(tr["lr"] > 0, f"{key}.lr", f"must be > 0, got {tr['lr']}")
     need(0 <= tr["min_lr"] <= tr["lr"], f"{key}.min_lr", f"must be in [0, lr], got {tr['min_lr']}")
     need(tr["weight_decay"] >= 0, f"{key}.weight_decay", f"must be >= 0, got {tr['weight_decay']}")
-    need(0 <= tr["warmup_epochs"] <= max(tr["epochs"], 0), f"{key}.warmup_epochs",
+    need(tr["warmup_epochs"] >= 0 and (tr["epochs"] == 0 or tr["warmup_epochs"] <= tr["epochs"]), f"{key}.warmup_epochs",
          f"must be in [0, epochs={tr['epochs']}], got {tr['warmup_epochs']}")
     need(tr["grad_clip"] >= 0, f"{key}.grad_clip", f"must be >= 0 (0 = off), got {tr['grad_clip']}")
     need(tr["train_limit"] >= 0, f"{key}.train_limit", f"must be >= 0 (0 = all), got {tr['train_limit']}")

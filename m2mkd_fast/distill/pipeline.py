@@ -37,7 +37,7 @@ from .checkpoint import CheckpointError, load_state_checked, load_weights, save_
 from .config import dump_config, fingerprint
 from .dist import DistContext, init_distributed
 from .students import assemble, build_model, module_state, pair_student, width
-from .tasks import EndToEnd, PairTask
+from .tasks import EndToEnd, IncubationTask, PairTask
 from .trainer import evaluate_accuracy, iterate_batches, train
 
 PHASES = ("pretrain-meta", "train-teacher", "split-teacher", "distill", "assemble", "finetune", "scratch", "evaluate")
@@ -111,13 +111,14 @@ class Pipeline:
         if phase == "pretrain-meta":
             return {**base, "seed": c["seed"], "meta": c["meta"]}
         if phase == "train-teacher":
-            return {**base, "seed": c["seed"], "teacher": c["teacher"]}
+            # incubation comes after the end-to-end teacher: not part of it
+            return {**base, "seed": c["seed"], "teacher": {k: v for k, v in c["teacher"].items() if k != "incubate"}}
         st = c["students"][kind]
         model_part = {"model": st["model"], "kwargs": st["kwargs"]}
         if phase == "distill":
             return {**base, "seed": seed, "module": module, "student": {**model_part, "distill": st["distill"]},
                     "distill": c["distill"], "meta": fingerprint(self.phase_config("pretrain-meta")),
-                    "teacher": fingerprint(self.phase_config("train-teacher"))}
+                    "teacher": self._teacher_modules_fp()}
         if phase == "finetune":
             return {**base, "seed": seed, "student": {**model_part, "finetune": st["finetune"]},
                     "assembled_from": [fingerprint(self.phase_config("distill", kind, seed, i))
@@ -221,30 +222,58 @@ class Pipeline:
         load_state_checked(model, sd, f"teacher {path}")
         return model.eval()
 
-    def split_teacher(self):
-        """Cut the trained teacher into its modules: teacher_modules/module_<i>.safetensors."""
+    def split_teacher(self, resume="auto"):
+        """Cut the trained teacher into its modules: teacher_modules/module_<i>.safetensors.
+
+        With ``teacher.incubate.epochs`` > 0, each module is first incubated (Deep Incubation,
+        Ni et al. 2022): trained on the labels inside the frozen meta model, starting from the
+        end-to-end teacher's weights, so that it fits the meta model's interfaces — an
+        independently trained teacher's first and last modules do not (their "teacher in meta"
+        accuracy is near chance), which leaves those pairs without a useful teacher signal."""
         teacher = self.load_teacher(from_modules=False)
         meta_n = self._num_stages("vmoe")
         if teacher.num_stages != meta_n:
             raise ValueError(f"the teacher has {teacher.num_stages} stages but the meta model {meta_n}: "
                              "set teacher.kwargs.num_stages to the meta model's num_stages")
+        inc = self.cfg["teacher"]["incubate"]
+        if inc["epochs"] > 0:
+            meta = self.load_meta()
+            for i in range(teacher.num_stages):
+                task = IncubationTask(meta, teacher.stages[i], i)
+                seed_all(self.cfg["seed"] + 31 * (i + 1) + 7919 * self.ctx.rank)
+                pcfg = {**self.phase_config("train-teacher"), "incubate": inc, "module": i,
+                        "meta": fingerprint(self.phase_config("pretrain-meta"))}
+                self._train(task, self.root / "teacher_incubate" / f"module_{i}", "incubate-teacher", pcfg, inc,
+                            self.cfg["seed"] + 31 * (i + 1), resume, save_module=task.module,
+                            title=f"incubate teacher module {i}")
+                sd, _ = load_weights(self.root / "teacher_incubate" / f"module_{i}" / "model.safetensors")
+                load_state_checked(teacher.stages[i], sd, f"incubated teacher module {i}")
         mdir = self.root / "teacher_modules"
-        tfp = fingerprint(self.phase_config("train-teacher"))
+        tfp = self._teacher_modules_fp()
         if self.ctx.is_main:
             for i, stage in enumerate(teacher.stages):
                 save_weights(stage, mdir / f"module_{i}.safetensors",
                              {"module": i, "num_stages": teacher.num_stages, "model": self.cfg["teacher"]["model"],
-                              "teacher_fingerprint": tfp})
+                              "teacher_fingerprint": tfp, "incubated": inc["epochs"] > 0})
         self.ctx.barrier()
-        log(f"split-teacher: {teacher.num_stages} modules written to {mdir}", self.ctx)
+        log(f"split-teacher: {teacher.num_stages} modules written to {mdir}"
+            + (" (incubated in the meta model)" if inc["epochs"] > 0 else ""), self.ctx)
         return mdir
+
+    def _teacher_modules_fp(self) -> str:
+        """What the teacher modules depend on: the teacher run, plus the incubation when it is on."""
+        base = self.phase_config("train-teacher")
+        inc = self.cfg["teacher"]["incubate"]
+        if inc["epochs"] > 0:
+            base = {**base, "incubate": inc, "meta": fingerprint(self.phase_config("pretrain-meta"))}
+        return fingerprint(base)
 
     def _teacher_split_current(self) -> bool:
         p = self.root / "teacher_modules" / "module_0.safetensors"
         if not p.exists():
             return False
         _, meta = load_weights(p)
-        return meta.get("teacher_fingerprint") == fingerprint(self.phase_config("train-teacher"))
+        return meta.get("teacher_fingerprint") == self._teacher_modules_fp()
 
     # ------------------------------------------------------------------------------- students
     def build_student(self, kind: str, seed: int):

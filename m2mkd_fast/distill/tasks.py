@@ -130,3 +130,33 @@ class PairTask(nn.Module):
         h = self.meta(x, start=0, end=i) if i > 0 else x
         t = self.teacher(h, start=i, end=i + 1)
         return self.meta(t, start=i + 1, end=n) if i < n - 1 else t
+
+
+class IncubationTask(nn.Module):
+    """Deep Incubation of module i: logits = meta[i+1:](module(meta[0:i](x))), trained on the
+    labels with the meta model frozen (no teacher). ``module`` is a stage view of the teacher."""
+
+    def __init__(self, meta: nn.Module, module: nn.Module, index: int):
+        super().__init__()
+        self.index, self.num_stages = int(index), int(meta.num_stages)
+        if not 0 <= self.index < self.num_stages:
+            raise ValueError(f"module index must be in [0, {self.num_stages - 1}], got {index}")
+        self.module = module
+        object.__setattr__(self, "_frozen", (_freeze(meta),))
+
+    def _apply(self, fn, *args, **kwargs):
+        self._frozen[0]._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._frozen[0].eval()
+        return self
+
+    def forward(self, x):
+        i, n, meta = self.index, self.num_stages, self._frozen[0]
+        with torch.no_grad():
+            h = meta(x, start=0, end=i) if i > 0 else x
+        s = self.module(h)
+        logits = meta(s, start=i + 1, end=n) if i < n - 1 else s
+        return logits, None, None
