@@ -56,9 +56,8 @@ def interpreting() -> bool:
 # P, dP, dS, the sample and its derivative live beside three accumulators (dq and Σ g·ŝ_s, or
 # dk, dv and Σ g·ŝ_r), so its other tile side is 16. sm_80 (mma.sync keeps operand fragments in
 # registers) needs fewer configs than sm_90a: _TILES_SM80 overrides _TILES there; e.g. the
-# sampled backward runs unpipelined (num_stages=1) on sm_80, the only spill-free choice.
-# Marked (*): no spill-free choice was found (head dim 128 backward, 16-bit, sm_80: 30-1200 B
-# of spills); the least-spilling one is used.
+# sampled backward with head dim 64 runs unpipelined (num_stages=1) on sm_80, and with head dim
+# 128 on half-height tiles (mma.sync needs M ≥ 16 only): the only spill-free choices.
 _TILES = {
     ("fwd", True, False, 0): (64, 64, (4, 8), (2, 3)),
     ("fwd", True, False, 1): (64, 32, (4, 8), (2, 3)),
@@ -101,15 +100,15 @@ _TILES = {
 _TILES_SM80 = {
     ("dq", True, False, 0): (64, 16, (4,), (2, 3)),
     ("dq", True, False, 1): (64, 16, (8,), (1,)),
-    ("dq", True, True, 1): (64, 16, (8,), (2,)),  # (*)
+    ("dq", True, True, 1): (32, 16, (8,), (2, 3)),
     ("dkdv", True, False, 1): (16, 64, (8,), (1,)),
-    ("dkdv", True, True, 0): (16, 64, (8,), (2,)),  # (*)
-    ("dkdv", True, True, 1): (16, 64, (8,), (2,)),  # (*)
+    ("dkdv", True, True, 0): (16, 32, (8,), (2, 3)),
+    ("dkdv", True, True, 1): (16, 32, (8,), (2, 3)),
     ("fwd", True, False, 2): (64, 64, (8,), (2, 3)),
     ("dq", True, False, 2): (64, 16, (8,), (1,)),
-    ("dq", True, True, 2): (64, 16, (8,), (1,)),  # (*)
+    ("dq", True, True, 2): (32, 16, (8,), (2, 3)),
     ("dkdv", True, False, 2): (16, 64, (8,), (1, 3)),
-    ("dkdv", True, True, 2): (16, 64, (8,), (1,)),  # (*)
+    ("dkdv", True, True, 2): (16, 32, (8,), (2, 3)),
 }
 ARCHS = (90, 80)  # sm_90a first: the quick report checks the first spec per kernel and dtype
 

@@ -1,8 +1,9 @@
 """Compile every Triton kernel of the package for sm_80 and sm_90a and print a resource report.
 
-    python -m m2mkd_fast.kernels.report [--quick] [--check] [--out FILE]
+    python -m m2mkd_fast.kernels.report [--quick] [--only TEXT ...] [--check] [--out FILE]
 
---quick compiles one config per kernel and dtype (the first autotune config); --check exits
+--quick compiles one config per kernel and dtype (the first autotune config); --only keeps the
+specs whose "kernel config dtype" line contains every given TEXT; --check exits
 with status 1 when a kernel spills, exceeds the shared-memory limit or misses the tensor cores
 in a bf16 dot. The report ends with the roofline of every benchmark shape (m2mkd_fast.roofline).
 """
@@ -16,8 +17,9 @@ import sys
 KERNEL_MODULES = ("moe_routing", "moe_mlp", "readin", "graph_attention")
 
 
-def collect_specs(quick: bool = False) -> list:
-    """KernelSpecs of every kernel module that exports ``aot_specs()``."""
+def collect_specs(quick: bool = False, only=()) -> list:
+    """KernelSpecs of every kernel module that exports ``aot_specs()`` (those whose
+    "kernel config dtype" contains every string of ``only``)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (kernels are interpreted functions)")
     specs = []
@@ -30,7 +32,7 @@ def collect_specs(quick: bool = False) -> list:
             raise
         if not hasattr(module, "aot_specs"):
             raise RuntimeError(f"m2mkd_fast.kernels.{name} exports no aot_specs(): its kernels cannot be checked")
-        module_specs = list(module.aot_specs())
+        module_specs = [s for s in module.aot_specs() if all(t in f"{s.kernel} {s.config} {s.dtype}" for t in only)]
         if quick:
             seen, first = set(), []
             for spec in module_specs:
@@ -42,7 +44,7 @@ def collect_specs(quick: bool = False) -> list:
     return specs
 
 
-def run(quick: bool = False) -> tuple[str, list]:
+def run(quick: bool = False, only=()) -> tuple[str, list]:
     """Compile everything; return (markdown report, list of (result, problems))."""
     import triton
 
@@ -50,7 +52,7 @@ def run(quick: bool = False) -> tuple[str, list]:
     from m2mkd_fast.kernels.aot import compile_spec, problems
 
     rows, findings = [], []
-    for spec in collect_specs(quick):
+    for spec in collect_specs(quick, only):
         for capability in spec.capabilities:
             try:
                 result = compile_spec(spec, capability)
@@ -84,10 +86,12 @@ def run(quick: bool = False) -> tuple[str, list]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one autotune config per kernel and dtype")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="compile only the specs whose 'kernel config dtype' contains TEXT (repeatable)")
     parser.add_argument("--check", action="store_true", help="exit 1 if any kernel has a problem")
     parser.add_argument("--out", help="also write the report to this file")
     args = parser.parse_args(argv)
-    report, findings = run(args.quick)
+    report, findings = run(args.quick, args.only)
     print(report)
     if args.out:
         with open(args.out, "w") as f:
