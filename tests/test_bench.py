@@ -68,3 +68,23 @@ def test_cli_compare(quick_run, capsys):
     assert main(["bench", "--compare", path, path]) == 0
     printed = capsys.readouterr().out
     assert "| B / A |" in printed and "| 1.00 |" in printed
+
+
+def test_cpu_peak_memory_counts_what_one_call_holds_at_once():
+    import torch
+
+    from m2mkd_fast.bench.measure import peak_allocated_bytes
+
+    n = 257
+    held_before = [torch.ones(3 * n, n)]
+
+    def fn():
+        a = torch.randn(n, n)
+        b = a @ a
+        del a
+        c = b.relu()
+        held_before.clear()  # frees memory allocated before the call: no peak
+        return c.sum()
+
+    tensor = n * n * 4
+    assert 2 * tensor <= peak_allocated_bytes(fn) < 2 * tensor + 1024

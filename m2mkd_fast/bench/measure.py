@@ -1,48 +1,52 @@
 """Median time and peak memory of a callable, and the device's measured ceilings.
 
 CUDA: triton.testing.do_bench (CUDA events, median) and torch.cuda.max_memory_allocated.
-CPU: torch.utils.benchmark.Timer (median of blocked runs) and the peak growth of the process's
-resident set while the callable runs, sampled by a background thread.
+CPU: torch.utils.benchmark.Timer (median of blocked runs) and the peak growth of the bytes held
+by tensors during one call, from the profiler's memory events (peak_allocated_bytes; scratch
+buffers a C++ kernel allocates outside ATen, a few hundred KiB at most here, are not counted).
 """
 
+import contextlib
 import os
-import threading
-import time
+import sys
+import warnings
 from typing import Callable
 
 import torch
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ library logs every start and stop there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+def peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """Peak growth of the bytes held by tensors (the c10 CPU allocator) during one call of fn,
+    from the profiler's allocation and free events in time order: the CPU counterpart of
+    torch.cuda.max_memory_allocated() minus the memory allocated before the call."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-class _PeakRss:
-    """Peak resident-set growth over a block, sampled every 0.5 ms."""
-
-    def __enter__(self):
-        self.base = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-    @property
-    def growth_mib(self) -> float:
-        return (self.peak - self.base) / 2**20
+    with warnings.catch_warnings(), _quiet_stderr():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def measure(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5) -> dict:
@@ -63,11 +67,10 @@ def measure(fn: Callable[[], object], device: torch.device, min_run_time: float 
     import torch.utils.benchmark as benchmark
 
     fn()
-    with _PeakRss() as rss:
-        fn()
+    peak = peak_allocated_bytes(fn) / 2**20
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     ms = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-    return {"ms": float(ms), "peak_mib": float(rss.growth_mib)}
+    return {"ms": float(ms), "peak_mib": float(peak)}
 
 
 def probe_ceilings(device: torch.device, quick: bool = False) -> dict:
