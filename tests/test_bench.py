@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from m2mkd_fast.backend import select
 from m2mkd_fast.bench import report, suite
 
 
@@ -27,12 +28,18 @@ def test_quick_run_writes_report_plots_and_json(quick_run):
     ok = [r for r in data["records"] if r["status"] == "ok"]
     failed = [r for r in data["records"] if r["status"] != "ok"]
     assert not failed, failed[:3]
-    families = {r["family"] for r in ok if r["section"] != "step"}
+    families = {r["family"] for r in ok if r["section"] in ("ops", "sweep")}
     assert families == {"route", "moe_mlp", "readin_attention", "graph_attention"}
     steps = [r for r in ok if r["section"] == "step"]
     assert {r["formulation"] for r in steps} == {"m2mkd_fast layers", "seed formulation"}
     assert {r["family"].split()[0] for r in steps} == {"vmoe", "nac"}
     assert "## One m2mKD pair training step" in text
+    students = [r for r in ok if r["section"] == "student step"]
+    assert {r["family"].split()[0] for r in students} == {"vmoe", "nac"}
+    assert {r["formulation"] for r in students} == {
+        f"m2mkd_fast layers ({select('moe_mlp', 'cpu')[0]} backend)", "m2mkd_fast layers (torch backend)", "seed formulation"}
+    assert "## One training step of the whole student" in text
+    assert all(r["peak_mib"] > 0 for r in steps + students)
     assert all(r["ms"] > 0 for r in ok)
 
 
@@ -88,3 +95,18 @@ def test_cpu_peak_memory_counts_what_one_call_holds_at_once():
 
     tensor = n * n * 4
     assert 2 * tensor <= peak_allocated_bytes(fn) < 2 * tensor + 1024
+
+
+def test_pytest_benchmark_suite_runs_at_quick_shapes():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "benchmarks"), "--benchmark-only",
+         "--benchmark-max-time=0.001", "--benchmark-min-rounds=1", "--benchmark-warmup=off"],
+        capture_output=True, text=True, cwd=root, env={**os.environ, "M2MKD_BENCH_QUICK": "1"}, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

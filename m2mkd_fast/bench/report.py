@@ -39,8 +39,8 @@ def ops_table(records: list[dict], section: str) -> str:
     return "\n".join(out)
 
 
-def step_table(records: list[dict]) -> str:
-    rows = [r for r in records if r.get("section") == "step"]
+def step_table(records: list[dict], section: str = "step") -> str:
+    rows = [r for r in records if r.get("section") == section]
     if not rows:
         return ""
     out = ["| student | formulation | ms / step | peak MiB | images/s | host syncs / step |", "|---|---|---:|---:|---:|---:|"]
@@ -91,12 +91,16 @@ def write(results: dict, out: str) -> str:
         f"Device: {env['device']} · threads {env['cpu_threads']} · torch {env['torch']} · triton {env['triton']} · {env['date']}"
         + (" · quick shapes" if results["quick"] else ""), "",
         f"Measured ceilings: matmul {ceil['matmul_flops'] / 1e12:.3f} TFLOP/s ({ceil['matmul_dtype']}), copy {ceil['copy_bytes_per_s'] / 1e9:.1f} GB/s.",
-        "Medians; peak memory is the CUDA allocator's peak (GPU) or the resident-set growth of one call (CPU).", "",
+        "Medians; peak memory is the growth of the memory held by tensors during one call: the CUDA allocator's "
+        "peak (GPU), the profiler's allocation events (CPU).", "",
         "## Ops", "", ops_table(results["records"], "ops"),
     ]
     step = step_table(results["records"])
     if step:
         lines += ["## One m2mKD pair training step", "", step]
+    student_step = step_table(results["records"], "student step")
+    if student_step:
+        lines += ["## One training step of the whole student (fine-tune, scratch)", "", student_step]
     plots = plot_sweeps(results["records"], out)
     if plots:
         lines += ["## Sweeps", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
