@@ -4,9 +4,11 @@ Subpackages load on first use, so `import m2mkd_fast` stays cheap:
 ``mk.ops`` (validated, autograd-enabled functional ops), ``mk.reference`` (plain-PyTorch
 oracles), ``mk.layers`` (drop-in nn.Modules), ``mk.models`` (timm-registered models),
 ``mk.distill`` (the m2mKD trainer) and ``mk.data`` (offline datasets).
+With ``M2MKD_CPP_JIT=1`` the C++ extension is built just in time from csrc/ (``cpp_jit``).
 """
 
 import importlib
+import os
 
 from .backend import available_backends, use_backend
 
@@ -22,3 +24,9 @@ def __getattr__(name):
         globals()[name] = module
         return module
     raise AttributeError(f"module 'm2mkd_fast' has no attribute {name!r}")
+
+
+if os.environ.get("M2MKD_CPP_JIT") == "1":
+    from . import cpp_jit
+
+    cpp_jit.load()

@@ -66,7 +66,8 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
         try:
             importlib.import_module("m2mkd_fast._C")
         except ImportError as err:
-            return f"the C++ extension m2mkd_fast._C is not built ({err}); reinstall with a C++ compiler and ninja"
+            return (f"the C++ extension m2mkd_fast._C is not built ({err}); reinstall with a C++ compiler and ninja, "
+                    "or set M2MKD_CPP_JIT=1 in a source checkout to build it just in time")
         return None
     raise ValueError(f"unknown backend {name!r}")
 

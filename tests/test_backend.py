@@ -55,3 +55,27 @@ def test_auto_on_cpu_never_picks_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     name, fn = backend.select("route", torch.device("cpu"))
     assert name in ("cpp", "torch") and callable(fn)
+
+
+def test_cpp_extension_builds_just_in_time_into_a_cached_directory(tmp_path):
+    """M2MKD_CPP_JIT=1 compiles csrc/ with ninja into $M2MKD_CPP_CACHE and serves the cpp backend
+    from it; a second import reuses the build (nothing recompiled)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, m2mkd_fast as mk, sys\n"
+        "from m2mkd_fast import ops\n"
+        "print(mk._C.__file__)\n"
+        "r = ops.route(torch.randn(10, 4), k=2, gate='naive', backend='cpp')\n"
+        "assert r.counts.sum().item() == 20\n"
+    )
+    env = {**os.environ, "M2MKD_CPP_JIT": "1", "M2MKD_CPP_CACHE": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1500)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.strip().startswith(str(tmp_path))
+    objects = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.o")}
+    assert len(objects) == 5
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.o")} == objects
