@@ -75,7 +75,7 @@ struct ReadinArgs {
   T* mp;          // [B, U·H, Din]  A ⊙ s_v
   T* lse;         // [B, U·H]
   // backward only
-  T* g;           // [B, U·H, Din]  in: dL/d(A ⊙ s_v); overwritten with dA
+  const T* g;     // [B, U·H, Din]  dL/d(A ⊙ s_v)
   T* dtk;         // [B, U·H, Din]
   T* dx;          // [B, V, Din]
   T* dsk_acc;     // [threads, U, Din]
@@ -132,12 +132,17 @@ M2_ALWAYS_INLINE void readin_fwd_body(const ReadinArgs<T>& a, int64_t b0, int64_
 }
 M2_MULTIVERSION(readin_fwd, (const ReadinArgs<scalar_t>& a, int64_t b0, int64_t b1), (a, b0, b1))
 
+// Backward of one block of rows, in three GEMMs over stacked operands:
+//   Y = [dA; Q']                    [2·rows, Din]   (dA = G ⊙ s_v)
+//   Z = Y xᵀ = [dP; S]              [2·rows, V]     → rewritten in place as [P; dS]
+//   dx (+)= Zᵀ Y = Pᵀ dA + dSᵀ Q'   [V, Din]        (K = 2·rows: one pass over dx)
+//   dQ' = dS x                      [rows, Din]
 template <typename T>
 M2_ALWAYS_INLINE void readin_bwd_body(const ReadinArgs<T>& a, int64_t b0, int64_t b1) {
   const int64_t R = a.U * a.H, V = a.V, Din = a.Din, H = a.H;
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>(R, kReadinBlockElems / std::max<int64_t>(V, 1)));
-  std::vector<T> qf(static_cast<size_t>(block * Din)), p(static_cast<size_t>(block * V)),
-      dp(static_cast<size_t>(block * V)), dq(static_cast<size_t>(block * Din));
+  std::vector<T> y(static_cast<size_t>(2 * block * Din)), z(static_cast<size_t>(2 * block * V)),
+      dq(static_cast<size_t>(block * Din));
   T* dsk = a.dsk_acc + at::get_thread_num() * a.U * Din;
   T* dsv = a.dsv_acc + at::get_thread_num() * a.U * Din;
   for (int64_t b = b0; b < b1; ++b) {
@@ -147,43 +152,45 @@ M2_ALWAYS_INLINE void readin_bwd_body(const ReadinArgs<T>& a, int64_t b0, int64_
       const int64_t rows = std::min(block, R - r0);
       const int64_t off = b * R + r0;
       const T* ab = a.a + off * Din;
-      T* gb = a.g + off * Din;  // becomes dA
+      const T* gb = a.g + off * Din;
       T* mp = a.mp + off * Din;
+      T* da = y.data();
+      T* qf = y.data() + rows * Din;
       // A ⊙ s_v (for dW_v), ds_v += G ⊙ A, dA = G ⊙ s_v
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t u = (r0 + r) / H;
         const T* sv = a.s_v + u * Din;
         T* dsvu = dsv + u * Din;
         const T* ar = ab + r * Din;
-        T* gr = gb + r * Din;
+        const T* gr = gb + r * Din;
         T* mr = mp + r * Din;
+        T* dar = da + r * Din;
 #pragma omp simd
         for (int64_t d = 0; d < Din; ++d) {
           const T av = ar[d], gv = gr[d];
           mr[d] = av * sv[d];
           dsvu[d] += gv * av;
-          gr[d] = gv * sv[d];
+          dar[d] = gv * sv[d];
         }
       }
-      fold_queries(a, a.tk + off * Din, r0, rows, qf.data());
-      gemm(qf.data(), false, Din, xb, true, Din, p.data(), V, rows, V, Din, false);  // S = Q' xᵀ
-      gemm(gb, false, Din, xb, true, Din, dp.data(), V, rows, V, Din, false);         // dP = dA xᵀ
+      fold_queries(a, a.tk + off * Din, r0, rows, qf);
+      gemm(y.data(), false, Din, xb, true, Din, z.data(), V, 2 * rows, V, Din, false);  // [dP; S] = Y xᵀ
       for (int64_t r = 0; r < rows; ++r) {
-        T* pr = p.data() + r * V;
-        T* dpr = dp.data() + r * V;
-        exp_shift_sum(pr, V, a.lse[off + r]);  // P = exp(S - lse)
+        T* top = z.data() + r * V;             // dP, becomes P
+        T* bottom = z.data() + (rows + r) * V;  // S, becomes dS
+        exp_shift_sum(bottom, V, a.lse[off + r]);  // P = exp(S - lse)
         T D = 0;  // Σ_v P dP (= rowsum(dA ⊙ A), computed as softmax's backward does)
 #pragma omp simd reduction(+ : D)
-        for (int64_t v = 0; v < V; ++v) D += pr[v] * dpr[v];
+        for (int64_t v = 0; v < V; ++v) D += bottom[v] * top[v];
 #pragma omp simd
-        for (int64_t v = 0; v < V; ++v) dpr[v] = pr[v] * (dpr[v] - D);  // dS
+        for (int64_t v = 0; v < V; ++v) {
+          const T pv = bottom[v], dpv = top[v];
+          top[v] = pv;
+          bottom[v] = pv * (dpv - D);
+        }
       }
-      const bool acc = r0 > 0;
-      // dx = dSᵀ Q' + Pᵀ dA
-      gemm(dp.data(), true, V, qf.data(), false, Din, dxb, Din, V, Din, rows, acc);
-      gemm(p.data(), true, V, gb, false, Din, dxb, Din, V, Din, rows, true);
-      // dQ' = dS x
-      gemm(dp.data(), false, V, xb, false, Din, dq.data(), Din, rows, Din, V, false);
+      gemm(z.data(), true, V, y.data(), false, Din, dxb, Din, V, Din, 2 * rows, r0 > 0);  // dx (+)= [P; dS]ᵀ [dA; Q']
+      gemm(z.data() + rows * V, false, V, xb, false, Din, dq.data(), Din, rows, Din, V, false);  // dQ' = dS x
       // dTk = dQ' ⊙ s_k · scale,  ds_k += dQ' ⊙ Tk · scale
       const T* tk = a.tk + off * Din;
       T* dtk = a.dtk + off * Din;
@@ -281,7 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   { auto out_ = heads_view(g); at::bmm_out(out_, heads_view(dm), w_v); }  // dL/d(A ⊙ s_v)
   auto mp = at::empty({B, U, H, Din}, opts);
   auto dtk = at::empty({B, U, H, Din}, opts);
-  auto dx = at::zeros({B, V, Din}, opts);
+  // the first row block of a batch element writes its dx, the others accumulate; no rows: zeros
+  auto dx = U * H > 0 ? at::empty({B, V, Din}, opts) : at::zeros({B, V, Din}, opts);
   const int64_t threads = at::get_num_threads();
   auto dsk_acc = at::zeros({threads, U, Din}, opts);
   auto dsv_acc = at::zeros({threads, U, Din}, opts);

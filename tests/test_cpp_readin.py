@@ -96,6 +96,8 @@ def test_empty_batch_and_receivers():
         assert out.shape == args[0].shape
         out.sum().backward()
         assert all(torch.isfinite(t.grad).all() for t in leaves)
+        if args[0].shape[1] == 0:  # no receivers: nothing attends to x
+            assert torch.equal(leaves[1].grad, torch.zeros_like(x))
 
 
 def test_float64_gradcheck():
