@@ -184,7 +184,8 @@ def time_case(forms, grad, rounds, min_run_time):
     results = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            m = tb.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time)
+            timer = tb.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+            m = timer.blocked_autorange(min_run_time=min_run_time)
             results[name].append(m.median * 1e3)
     return {name: sorted(v)[len(v) // 2] for name, v in results.items()}
 
