@@ -13,7 +13,6 @@ step is measured in a fresh subprocess per formulation (peak reset through
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
