@@ -180,6 +180,49 @@ def test_backend_matches_oracle_forward_and_all_grads(backend, shape, mode, dtyp
 
 
 @pytest.mark.parametrize("mode", ["no_sample", "sample", "dense"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_signatures_beside_bf16_activations(backend, mode):
+    """q, k, v in bf16 with σ, β in fp32 (a NAC under autocast): every backend against the oracle
+    on the same mixed inputs; σ and β get fp32 gradients."""
+    kwargs = MODES[mode]
+    shape = (3, 1, 1, 59, 5) if backend == "triton" else (2, 3, 59, 111, 8)
+    base = _inputs(*shape, dtype=torch.bfloat16, seed=7)
+
+    def mixed():
+        return _leaves(base[:3], torch.bfloat16) + _leaves(base[3:], torch.float32)
+
+    leaves64, leaves_ref, leaves = _leaves(base, torch.float64), mixed(), mixed()
+    out64, out_ref, out = ref_graph(*leaves64, **kwargs), ref_graph(*leaves_ref, **kwargs), _backend(backend)(*leaves, **kwargs)
+    assert out.dtype == torch.bfloat16
+    assert_close_to_reference(out, out64, out_ref, name=f"o ({mode})")
+    grad = torch.randn_like(out64)
+    g64 = torch.autograd.grad(out64, leaves64, grad)
+    g_ref = torch.autograd.grad(out_ref, leaves_ref, grad.bfloat16())
+    g = torch.autograd.grad(out, leaves, grad.bfloat16())
+    for name, a, r64, r, leaf in zip(NAMES, g, g64, g_ref, leaves):
+        assert a.dtype == leaf.dtype
+        # dσ, dβ are fp32 but sum terms rounded in bf16 (the activations): the bf16 allowance
+        assert_close_to_reference(a, r64, r, atol=_grad_atol(r64, torch.bfloat16), name=f"d{name} ({mode})")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_round_the_signatures(backend):
+    """Under bf16 autocast the op computes the kernel bias from the fp32 signatures: the result is
+    the one without autocast, not the one from bf16-rounded signatures (which differs)."""
+    shape = (3, 1, 1, 59, 5) if backend == "triton" else (2, 3, 59, 111, 8)
+    base = _inputs(*shape, seed=3)
+    q, k, v = (t.bfloat16() for t in base[:3])
+    sig_r, sig_s, beta = (t.float() for t in base[3:])
+    op = _backend(backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = op(q, k, v, sig_r, sig_s, beta)
+    outside = op(q, k, v, sig_r, sig_s, beta)
+    rounded = op(q, k, v, sig_r.bfloat16().float(), sig_s.bfloat16().float(), beta)
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+    assert not torch.equal(rounded, outside)
+
+
+@pytest.mark.parametrize("mode", ["no_sample", "sample", "dense"])
 def test_kernel_without_gradient_takes_the_fused_path(mode):
     """σ and β frozen: the bias needs no gradient and the backend hands it to SDPA as a mask."""
     kwargs = MODES[mode]
@@ -411,7 +454,7 @@ def test_bad_inputs_name_the_argument():
         ((q, k, v, sig_r, sig_s[:, :3], beta), {}, ValueError, r"sig_s must be \[V, S\] = \(6, 16\)"),
         ((q, k, v, sig_r, sig_s, beta[None]), {}, ValueError, "bandwidth must be 0-dim"),
         ((q, k, v, sig_r, sig_s, -beta), {}, ValueError, "bandwidth must be > 0"),
-        ((q, k, v, sig_r, sig_s, beta.float()), {}, TypeError, "bandwidth has dtype torch.float32 but q has torch.float64"),
+        ((q, k, v, sig_r, sig_s, beta.long()), {}, TypeError, "bandwidth must be a floating-point tensor"),
         ((q, k.float(), v, sig_r, sig_s, beta), {}, TypeError, "k has dtype"),
         ((q, k, v, sig_r.to("meta"), sig_s, beta), {}, ValueError, "sig_r is on meta but q is on cpu"),
         ((q, k, v, sig_r, sig_s, beta), dict(temperature=0.5), ValueError, "seed must be given"),

@@ -100,14 +100,13 @@ class KernelModulatedAttention(nn.Module):
             sampling = self.temperature is not None and (self.training or self.eval_mode == "sample")
             threshold = not self.training and self.eval_mode == "threshold"
             seed = int(torch.randint(0, 2**62, (), device="cpu")) if sampling else None
-            dtype = q.dtype
             m = ops.graph_attention(
                 q,
                 k,
                 v,
-                sig_r.to(dtype),
-                sig_s.to(dtype),
-                self.bandwidth.to(dtype),
+                sig_r,
+                sig_s,
+                self.bandwidth,
                 truncation=self.truncation,
                 temperature=self.temperature if sampling else None,
                 seed=seed,

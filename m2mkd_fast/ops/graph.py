@@ -1,5 +1,6 @@
 """NAC kernel-modulated graph attention, validated and dispatched (DESIGN §2.4)."""
 
+import contextlib
 import math
 import numbers
 from typing import Optional
@@ -68,7 +69,11 @@ def graph_attention(
         threshold: the 0/−∞ eval mode; exclusive with temperature.
         backend: None | "auto" | "triton" | "cpp" | "torch" (see m2mkd_fast.backend).
 
-    All tensors share one dtype and device; B·U·V < 2**31. Returns o [B, H, U, C].
+    q, k, v share one dtype; sig_r, sig_s and bandwidth may have their own (fp32 parameters beside
+    bf16 activations): the kernel bias is computed from them in at least fp32, so bf16 rounding
+    never moves an edge across the truncation radius. Autocast does not apply inside the op: it
+    computes in the dtypes it is given, on every backend. All tensors on one device;
+    B·U·V < 2**31. Returns o [B, H, U, C] in q's dtype.
     """
     _check_tensor("q", q, 4, "[B, H, U, C]")
     _check_tensor("k", k, 4, "[B, H, V, C]")
@@ -88,9 +93,10 @@ def graph_attention(
         raise ValueError(
             f"graph_attention: sig_s must be [V, S] = {(senders, sig_r.shape[1])} (V from k, S from sig_r), got {tuple(sig_s.shape)}"
         )
-    for name, t in [("k", k), ("v", v), ("sig_r", sig_r), ("sig_s", sig_s), ("bandwidth", bandwidth)]:
+    for name, t in [("k", k), ("v", v)]:
         if t.dtype != q.dtype:
-            raise TypeError(f"graph_attention: {name} has dtype {t.dtype} but q has {q.dtype}; all tensors must share one dtype")
+            raise TypeError(f"graph_attention: {name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
+    for name, t in [("k", k), ("v", v), ("sig_r", sig_r), ("sig_s", sig_s), ("bandwidth", bandwidth)]:
         if t.device != q.device:
             raise ValueError(f"graph_attention: {name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
     if batch * receivers * senders >= 2**31:
@@ -115,4 +121,5 @@ def graph_attention(
     if not _tracing() and not bool(bandwidth.detach() > 0):
         raise ValueError(f"graph_attention: bandwidth must be > 0, got {bandwidth.item()}")
     fn = select_backend("graph_attention", q.device, backend)  # also inside torch.compile
-    return fn(q, k, v, sig_r, sig_s, bandwidth, truncation, temperature, seed, threshold)
+    with torch.autocast(q.device.type, enabled=False) if q.device.type in ("cpu", "cuda") else contextlib.nullcontext():
+        return fn(q, k, v, sig_r, sig_s, bandwidth, truncation, temperature, seed, threshold)
