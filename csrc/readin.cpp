@@ -223,6 +223,7 @@ void check_readin(const at::Tensor& q, const at::Tensor& x, const at::Tensor& w_
     TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu(), op, ": all tensors must be CPU tensors of one dtype");
   const int64_t B = q.size(0), U = q.size(1), H = q.size(2), C = q.size(3), Din = x.size(2);
   TORCH_CHECK(x.size(0) == B, op, ": x batch differs from q's");
+  TORCH_CHECK(x.size(1) > 0, op, ": x must hold at least one token (V >= 1)");
   TORCH_CHECK(w_k.size(0) == H && w_k.size(1) == C && w_k.size(2) == Din && w_v.sizes() == w_k.sizes(), op,
               ": w_k, w_v must be [H, C, Din]");
   TORCH_CHECK(s_k.size(0) == U && s_k.size(1) == Din && s_v.sizes() == s_k.sizes(), op, ": s_k, s_v must be [U, Din]");
@@ -233,13 +234,42 @@ at::Tensor heads_view(const at::Tensor& t) {
   return t.view({t.size(0) * t.size(1), t.size(2), t.size(3)}).transpose(0, 1);
 }
 
+// the pointers and sizes both passes share; tk, a, mp, lse as the forward writes them
+template <typename T>
+ReadinArgs<T> readin_args(const at::Tensor& x, const at::Tensor& s_k, const at::Tensor& s_v, const at::Tensor& tk,
+                          const at::Tensor& a, const at::Tensor& mp, const at::Tensor& lse, int64_t C) {
+  ReadinArgs<T> args{};
+  args.x = x.data_ptr<T>();
+  args.s_k = s_k.data_ptr<T>();
+  args.s_v = s_v.data_ptr<T>();
+  args.tk = tk.data_ptr<T>();
+  args.a = const_cast<T*>(a.data_ptr<T>());
+  args.mp = mp.data_ptr<T>();
+  args.lse = const_cast<T*>(lse.data_ptr<T>());
+  args.U = tk.size(1);
+  args.H = tk.size(2);
+  args.V = x.size(1);
+  args.Din = x.size(2);
+  args.scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(C)));
+  return args;
+}
+
+// fn(b0, b1) over batch elements on ATen's thread pool (the GEMMs inside then run single-threaded)
+template <typename F>
+void for_batch_blocks(int64_t B, const F& fn) {
+  at::parallel_for(0, B, 1, [&](int64_t s, int64_t e) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads start with grad mode on
+    fn(s, e);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> readin_forward(
     const at::Tensor& q_in, const at::Tensor& x_in, const at::Tensor& w_k_in, const at::Tensor& w_v_in,
     const at::Tensor& s_k_in, const at::Tensor& s_v_in, const std::optional<at::Tensor>& b_v) {
   check_readin(q_in, x_in, w_k_in, w_v_in, s_k_in, s_v_in, "readin_forward");
   auto q = q_in.contiguous(), x = x_in.contiguous(), w_k = w_k_in.contiguous(), w_v = w_v_in.contiguous();
   auto s_k = s_k_in.contiguous(), s_v = s_v_in.contiguous();
-  const int64_t B = q.size(0), U = q.size(1), H = q.size(2), C = q.size(3), V = x.size(1), Din = x.size(2);
+  const int64_t B = q.size(0), U = q.size(1), H = q.size(2), C = q.size(3), Din = x.size(2);
   auto opts = q.options();
   auto tk = at::empty({B, U, H, Din}, opts);
   { auto out_ = heads_view(tk); at::bmm_out(out_, heads_view(q), w_k); }
@@ -247,23 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> readin_forward(
   auto mp = at::empty({B, U, H, Din}, opts);
   auto lse = at::empty({B, U, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "readin_forward", [&] {
-    ReadinArgs<scalar_t> args{};
-    args.x = x.data_ptr<scalar_t>();
-    args.s_k = s_k.data_ptr<scalar_t>();
-    args.s_v = s_v.data_ptr<scalar_t>();
-    args.tk = tk.data_ptr<scalar_t>();
-    args.a = a.data_ptr<scalar_t>();
-    args.mp = mp.data_ptr<scalar_t>();
-    args.lse = lse.data_ptr<scalar_t>();
-    args.U = U;
-    args.H = H;
-    args.V = V;
-    args.Din = Din;
-    args.scale = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(C)));
-    if (U * H > 0 && V > 0) at::parallel_for(0, B, 1, [&](int64_t s, int64_t e) {
-        at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads start with grad mode on
-        readin_fwd<scalar_t>(args, s, e);
-      });
+    const auto args = readin_args<scalar_t>(x, s_k, s_v, tk, a, mp, lse, C);
+    for_batch_blocks(B, [&](int64_t s, int64_t e) { readin_fwd<scalar_t>(args, s, e); });
   });
   auto m = at::empty({B, U, H, C}, opts);
   { auto out_ = heads_view(m); at::bmm_out(out_, heads_view(mp), w_v.transpose(1, 2)); }
@@ -294,28 +309,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dsk_acc = at::zeros({threads, U, Din}, opts);
   auto dsv_acc = at::zeros({threads, U, Din}, opts);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "readin_backward", [&] {
-    ReadinArgs<scalar_t> args{};
-    args.x = x.data_ptr<scalar_t>();
-    args.s_k = s_k.data_ptr<scalar_t>();
-    args.s_v = s_v.data_ptr<scalar_t>();
-    args.tk = tk.data_ptr<scalar_t>();
-    args.a = const_cast<scalar_t*>(a.data_ptr<scalar_t>());
-    args.mp = mp.data_ptr<scalar_t>();
-    args.lse = const_cast<scalar_t*>(lse.data_ptr<scalar_t>());
+    auto args = readin_args<scalar_t>(x, s_k, s_v, tk, a, mp, lse, C);
     args.g = g.data_ptr<scalar_t>();
     args.dtk = dtk.data_ptr<scalar_t>();
     args.dx = dx.data_ptr<scalar_t>();
     args.dsk_acc = dsk_acc.data_ptr<scalar_t>();
     args.dsv_acc = dsv_acc.data_ptr<scalar_t>();
-    args.U = U;
-    args.H = H;
-    args.V = V;
-    args.Din = Din;
-    args.scale = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(C)));
-    if (U * H > 0 && V > 0) at::parallel_for(0, B, 1, [&](int64_t s, int64_t e) {
-        at::AutoDispatchBelowADInplaceOrView below_autograd;
-        readin_bwd<scalar_t>(args, s, e);
-      });
+    for_batch_blocks(B, [&](int64_t s, int64_t e) { readin_bwd<scalar_t>(args, s, e); });
   });
   auto dq = at::empty({B, U, H, C}, opts);
   { auto out_ = heads_view(dq); at::bmm_out(out_, heads_view(dtk), w_k.transpose(1, 2)); }

@@ -145,6 +145,8 @@ def test_kernel_rejects_bad_inputs():
         op(q, x, w_k, w_v, s_k[:2], s_v, b_v)
     with pytest.raises(RuntimeError, match="one dtype"):
         op(q, x.double(), w_k, w_v, s_k, s_v, b_v)
+    with pytest.raises(RuntimeError, match="at least one token"):
+        op(q, x[:, :0], w_k, w_v, s_k, s_v, b_v)
 
 
 def test_custom_ops_pass_opcheck():
