@@ -66,6 +66,18 @@ def _gemm_cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
+def _tensor_core_tiles():
+    """The 16-bit tiles of the GEMM-like kernels (fc1, fc2, dX and the weight gradients)."""
+    return [
+        _gemm_cfg(128, 128, 64, 8, 3),
+        _gemm_cfg(128, 64, 64, 4, 4),
+        _gemm_cfg(64, 128, 64, 4, 4),
+        _gemm_cfg(64, 64, 64, 4, 3),
+        _gemm_cfg(128, 128, 32, 8, 3),
+        _gemm_cfg(64, 64, 32, 4, 4),
+    ]
+
+
 # Per kernel family and operand width; every GPU config was compiled for sm_80 and sm_90a with the
 # wheel's ptxas and none spills (see aot_specs and m2mkd_fast.kernels.report). fp32 operands use
 # "ieee" dots (FMA, no tensor cores) unless torch allows TF32: small tiles, else they spill.
@@ -79,14 +91,7 @@ else:
     _CONFIGS = {
         # fc1, fc2 and dX (row tiles × output columns, BLOCK_K over the reduction)
         "gemm": {
-            "16bit": [
-                _gemm_cfg(128, 128, 64, 8, 3),
-                _gemm_cfg(128, 64, 64, 4, 4),
-                _gemm_cfg(64, 128, 64, 4, 4),
-                _gemm_cfg(64, 64, 64, 4, 3),
-                _gemm_cfg(128, 128, 32, 8, 3),
-                _gemm_cfg(64, 64, 32, 4, 4),
-            ],
+            "16bit": _tensor_core_tiles(),
             "fp32": [_gemm_cfg(32, 64, 32, 4, 3), _gemm_cfg(32, 32, 32, 4, 3)],
         },
         # dZ: its epilogue (Z, A, act', partial sums) needs more registers: 8 warps for 128-wide tiles
@@ -101,14 +106,7 @@ else:
         },
         # weight gradients: BLOCK_M × BLOCK_N is the expert's output tile, BLOCK_K the rows per step
         "wgrad": {
-            "16bit": [
-                _gemm_cfg(128, 128, 64, 8, 3),
-                _gemm_cfg(128, 64, 64, 4, 4),
-                _gemm_cfg(64, 128, 64, 4, 4),
-                _gemm_cfg(64, 64, 64, 4, 3),
-                _gemm_cfg(128, 128, 32, 8, 3),
-                _gemm_cfg(64, 64, 32, 4, 4),
-            ],
+            "16bit": _tensor_core_tiles(),
             "fp32": [_gemm_cfg(64, 64, 16, 4, 3), _gemm_cfg(32, 64, 32, 4, 3), _gemm_cfg(32, 32, 32, 4, 3)],
         },
     }

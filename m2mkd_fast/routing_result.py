@@ -37,7 +37,7 @@ def expert_capacity(group_size: int, k: int, capacity_factor: Optional[float], n
     order, rounded up to a multiple of 4.
 
     None when dropless (capacity_factor None); 0 for an empty group; ValueError if cf ≤ 0 or the
-    capacity is below 1.
+    capacity is below 1. With S·k = 100, cf = 2.2, E = 11: (100·2.2)/11 = 20.000000000000004 → 21 → 24.
     """
     if capacity_factor is None:
         return None

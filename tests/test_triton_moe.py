@@ -13,7 +13,6 @@ uninitialised-memory poisoning on (torch.empty → NaN / max int), so an element
 to write fails.
 """
 
-import contextlib
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ import torch
 from m2mkd_fast.reference.moe import moe_mlp as ref_moe
 from m2mkd_fast.reference.routing import route as ref_route
 from m2mkd_fast.routing_result import Routing
+from poison import poisoned
 from tolerance import assert_close_to_reference
 
 triton = pytest.importorskip("triton")
@@ -29,20 +29,6 @@ from m2mkd_fast.triton_backend import moe as tb  # noqa: E402  (after conftest s
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["x", "weight", "w1", "b1", "w2", "b2"]
-
-
-@contextlib.contextmanager
-def poisoned():
-    """torch.empty returns NaN (floats) / the largest integer (ints) inside the block."""
-    was = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _problem(T, d, h, E, k, gate="vmoe", cf=None, bpr=False, gs=None, bias=True, logits=None):

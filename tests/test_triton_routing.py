@@ -8,12 +8,12 @@ runs with PyTorch's uninitialised-memory poisoning on (torch.empty → NaN / max
 element a kernel forgets to write fails the comparison.
 """
 
-import contextlib
 
 import pytest
 import torch
 
 from m2mkd_fast.reference.routing import route as ref_route
+from poison import poisoned
 from tolerance import assert_close_to_reference
 
 triton = pytest.importorskip("triton")
@@ -22,20 +22,6 @@ from m2mkd_fast.kernels import moe_routing as kern  # noqa: E402  (after conftes
 from m2mkd_fast.triton_backend import routing as tb  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@contextlib.contextmanager
-def poisoned():
-    """torch.empty returns NaN (floats) / the largest integer (ints) inside the block."""
-    was = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _weights64(logits: torch.Tensor, expert: torch.Tensor, gate: str) -> torch.Tensor:

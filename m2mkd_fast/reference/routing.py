@@ -21,31 +21,10 @@ from typing import Optional
 
 import torch
 
-from ..routing_result import Routing
+from ..routing_result import Routing, expert_capacity
 
 GATES = ("vmoe", "naive")
 AUX_LOSS_WEIGHT = 0.005
-
-
-def expert_capacity(group_size: int, k: int, capacity_factor: Optional[float], num_experts: int) -> Optional[int]:
-    """Per-expert, per-group buffer size: ceil((S·k)·cf/E) on Python floats, rounded up to 4.
-
-    ``capacity_factor=None`` means dropless and returns None. With S·k = 100, cf = 2.2, E = 11:
-    (100·2.2)/11 = 20.000000000000004 → 21 → 24.
-    """
-    if capacity_factor is None:
-        return None
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
-    if group_size == 0:
-        return 0
-    capacity = math.ceil((group_size * k) * capacity_factor / num_experts)
-    if capacity < 1:
-        raise ValueError(
-            f"expert capacity {capacity} < 1 (group_size={group_size}, k={k}, "
-            f"capacity_factor={capacity_factor}, num_experts={num_experts})"
-        )
-    return ((capacity + 3) // 4) * 4
 
 
 def _group_size(num_tokens: int, group_size: Optional[int]) -> int:
