@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 
-KERNEL_MODULES = ("moe_routing", "moe_mlp", "readin", "graph_attention")
+KERNEL_MODULES = ("routing", "moe", "readin", "graph")
 
 
 def collect_specs(quick: bool = False, only=()) -> list:

@@ -1,4 +1,4 @@
-"""Triton graph attention (kernels/graph_attention.py, m2mkd_fast/triton_backend/graph.py) against
+"""Triton graph attention (kernels/graph.py, m2mkd_fast/triton_backend/graph.py) against
 the dense oracle m2mkd_fast.reference.graph_attention: outputs and all gradients, every mode,
 fp32 and bf16, tile skipping, empty rows, poisoned buffers, custom-op registration.
 
@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 
 import m2mkd_fast as mk  # noqa: E402
 from m2mkd_fast import reference  # noqa: E402
-from m2mkd_fast.kernels import graph_attention as K  # noqa: E402
+from m2mkd_fast.kernels import graph as K  # noqa: E402
 from m2mkd_fast.triton_backend.graph import graph_attention as triton_graph_attention  # noqa: E402
 
 from tolerance import TINY_ATOL, assert_close_to_reference  # noqa: E402

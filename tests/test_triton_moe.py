@@ -1,4 +1,4 @@
-"""Triton grouped expert MLP (kernels/moe_mlp.py, m2mkd_fast/triton_backend/moe.py).
+"""Triton grouped expert MLP (kernels/moe.py, m2mkd_fast/triton_backend/moe.py).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest before any kernel import), with
 dot operands cast to fp32 (the interpreter's bf16 dot is broken) and bf16 rounding done by hand

@@ -1,4 +1,4 @@
-"""Triton top-k routing (kernels/moe_routing.py, m2mkd_fast/triton_backend/routing.py).
+"""Triton top-k routing (kernels/routing.py, m2mkd_fast/triton_backend/routing.py).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest before any kernel import).
 Integer outputs (expert, slot, counts, capacity) must equal the oracle's
@@ -18,7 +18,7 @@ from tolerance import assert_close_to_reference
 
 triton = pytest.importorskip("triton")
 
-from m2mkd_fast.kernels import moe_routing as kern  # noqa: E402  (after conftest set TRITON_INTERPRET)
+from m2mkd_fast.kernels import routing as kern  # noqa: E402  (after conftest set TRITON_INTERPRET)
 from m2mkd_fast.triton_backend import routing as tb  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

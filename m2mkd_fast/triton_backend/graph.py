@@ -1,5 +1,5 @@
 """Triton backend of ``graph_attention`` (DESIGN §2.4): torch.library custom ops around the
-kernels in m2mkd_fast.kernels.graph_attention.
+kernels in m2mkd_fast.kernels.graph.
 
 Layers of this file, top to bottom:
 
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels import graph_attention as _k
+from ..kernels import graph as _k
 
 __all__ = ["graph_attention"]
 

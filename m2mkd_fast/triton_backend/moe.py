@@ -1,4 +1,4 @@
-"""The MoE MLP on Triton: the padding-free grouped expert MLP of m2mkd_fast.kernels.moe_mlp.
+"""The MoE MLP on Triton: the padding-free grouped expert MLP of m2mkd_fast.kernels.moe.
 
 ``moe_mlp`` is a thin wrapper over two torch.library custom ops (FlashAttention's layering):
 
@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels import moe_mlp as _k
+from ..kernels import moe as _k
 from ..routing_result import Routing
 
 _NS = "m2mkd_fast_triton"

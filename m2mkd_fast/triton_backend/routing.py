@@ -1,4 +1,4 @@
-"""Top-k expert routing on Triton (DESIGN §2.1): m2mkd_fast.kernels.moe_routing.
+"""Top-k expert routing on Triton (DESIGN §2.1): m2mkd_fast.kernels.routing.
 
 ``route`` wraps the torch.library custom op ``m2mkd_fast_triton::route`` (weight, expert, slot,
 counts; shapes from the input shapes only, so torch.compile traces through it) whose autograd
@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels import moe_routing as _k
+from ..kernels import routing as _k
 from ..routing_result import Routing, expert_capacity
 
 _NS = "m2mkd_fast_triton"

@@ -4,7 +4,7 @@ backward. Kernels and launchers only: no autograd here (see m2mkd_fast.triton_ba
     y[t] = Σ_j kept(t,j) · w[t,j] · (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]),  e = expert[t,j]
 
 The kept (token, choice) pairs are sorted by expert with a stable counting sort
-(``moe_routing.dispatch_indices``): row r = 0..P_kept-1 of the grouped GEMMs is pair
+(``routing.dispatch_indices``): row r = 0..P_kept-1 of the grouped GEMMs is pair
 ``pair_of_row[r]`` (token pair // k), expert e owns rows offsets[e]..offsets[e+1]-1. Tokens are
 never copied into per-expert buffers: the gather is fused into the first GEMM's loads.
 
@@ -37,7 +37,7 @@ stay in L2.
 Dot operands are the input dtype (bf16/fp16 → tensor cores; fp32 → "ieee" precision unless
 torch allows TF32); accumulation is fp32. Under TRITON_INTERPRET=1 the launchers set DOT_FP32
 (bf16 ``tl.dot`` is broken in the interpreter) and BF16_RTNE (the interpreter truncates fp32 →
-bf16 casts; see ``moe_routing.round_to``). Intermediates Z, A, dZ and the per-pair outputs are
+bf16 casts; see ``routing.round_to``). Intermediates Z, A, dZ and the per-pair outputs are
 stored in the input dtype, as a framework MLP stores its activations.
 """
 
@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_routing import device_function, dispatch_indices, round_to
+from .routing import device_function, dispatch_indices, round_to
 
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1}
 _PART = 32  # column granularity of the routing-weight gradient's partial sums
