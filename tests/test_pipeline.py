@@ -85,13 +85,13 @@ def test_done_phases_are_skipped_and_errors_are_clear(quick_run, tmp_path, capsy
     assert main(["evaluate", "--config", "quick", "--run-dir", root, "--student", "vmoe", "--which", "assembled"]) == 0
     assert (quick_run / "seed0/vmoe/eval_assembled.json").is_file()
     empty = str(tmp_path / "empty")
-    assert main(["finetune", "--config", "quick", "--run-dir", empty, "--student", "nac"]) == 1
+    assert main(["finetune", "--config", "quick", "--run-dir", empty, "--student", "nac"]) == 2
     assert "no assembled student" in capsys.readouterr().err
-    assert main(["distill", "--config", "quick", "--run-dir", empty, "--student", "nac"]) == 1
+    assert main(["distill", "--config", "quick", "--run-dir", empty, "--student", "nac"]) == 2
     assert "pretrain-meta" in capsys.readouterr().err
-    assert main(["distill", "--config", "quick", "--run-dir", root, "--student", "nac", "--module", "7"]) == 1
+    assert main(["distill", "--config", "quick", "--run-dir", root, "--student", "nac", "--module", "7"]) == 2
     assert "--module must be in [0, 3]" in capsys.readouterr().err
-    assert main(["pretrain-meta", "--config", "quick", "--run-dir", empty, "--resume"]) == 1
+    assert main(["pretrain-meta", "--config", "quick", "--run-dir", empty, "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 
@@ -145,7 +145,7 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, capsys):
     # a resume with another config is refused, naming the key
     threads = torch.get_num_threads()
     try:
-        assert main(args + ["--run-dir", str(killed), "--resume", "--set", "meta.train.lr=0.1"]) == 1
+        assert main(args + ["--run-dir", str(killed), "--resume", "--set", "meta.train.lr=0.1"]) == 2
     finally:
         torch.set_num_threads(threads)
     assert "meta.train.lr" in capsys.readouterr().err
