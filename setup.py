@@ -53,6 +53,8 @@ def _extension_setup():
 
 
 ext_modules, cmdclass = _extension_setup()
+# folders of data files, installed as packages without Python modules
+DATA_PACKAGES = {"m2mkd_fast.configs": ["*.yaml"], "m2mkd_fast.data.assets": ["*.npz"]}
 
 setup(
     name="m2mkd_fast",
@@ -61,10 +63,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["m2mkd_fast", "m2mkd_fast.*"]) + ["m2mkd_fast.kernels"],
+    packages=find_packages(include=["m2mkd_fast", "m2mkd_fast.*"], exclude=["m2mkd_fast.kernels"])
+    + ["m2mkd_fast.kernels"] + list(DATA_PACKAGES),
     package_dir={"m2mkd_fast.kernels": "kernels"},
-    package_data={"m2mkd_fast": ["configs/*.yaml", "data/assets/*"]},
-    include_package_data=True,
+    package_data=DATA_PACKAGES,
     install_requires=[
         "torch>=2.11",
         "timm>=1.0",
