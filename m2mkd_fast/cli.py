@@ -154,12 +154,10 @@ def main(argv=None) -> int:
     value, config, checkpoint or file) prints one line and returns 2, ``--debug`` shows its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.debug:
-        return _run(args, argv)
     try:
         return _run(args, argv)
     except (OSError, ValueError, RuntimeError) as err:
-        if not _user_error(err):
+        if args.debug or not _user_error(err):
             raise
         print(f"m2mkd-fast: error: {_one_line(err)}", file=sys.stderr)
         return 2
@@ -168,8 +166,10 @@ def main(argv=None) -> int:
 def _user_error(err: BaseException) -> bool:
     """A bad option value, config, checkpoint or file (ConfigError is a ValueError); any other
     error is a bug and keeps its traceback."""
+    if isinstance(err, (OSError, ValueError)):
+        return True
     checkpoint = sys.modules.get("m2mkd_fast.distill.checkpoint")  # not imported: none was raised
-    return isinstance(err, (OSError, ValueError)) or (checkpoint is not None and isinstance(err, checkpoint.CheckpointError))
+    return checkpoint is not None and isinstance(err, checkpoint.CheckpointError)
 
 
 def _one_line(err: BaseException) -> str:
