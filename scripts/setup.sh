@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 requirements=requirements-cpu.txt
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-  torch_version=$(python3 -c "import torch; print(torch.__version__)")
+  torch_version=$(python3 -c "from importlib.metadata import version; print(version('torch'))")  # as pip sees it
   echo "setup.sh: keeping this machine's CUDA torch $torch_version (a venv with --system-site-packages)"
   python3 -m venv --system-site-packages .venv
   echo "torch==$torch_version" > .venv/keep-torch.txt
