@@ -1,9 +1,11 @@
 """Build and install m2mkd_fast.
 
 The C++ CPU backend (csrc/ -> m2mkd_fast._C) is compiled with ninja when torch and a C++
-compiler are present; if it cannot be built the pure-Python package still installs and the
-"torch" backend serves every op. Install with `pip install --no-build-isolation .` so the
-extension builds against the torch already in the environment.
+compiler are present. Under pip's default build isolation torch is absent at build time (it is
+not a build requirement: that would download a CUDA torch of several GB), so the wheel has no
+extension; m2mkd_fast.cpp_jit then builds it just in time on first use from the C++ sources
+installed with the package. `pip install --no-build-isolation .` builds it at install time
+against the torch already in the environment.
 """
 
 import glob
@@ -53,6 +55,10 @@ def _extension_setup():
 
 
 ext_modules, cmdclass = _extension_setup()
+# folders of data files, installed as packages without Python modules; the C++ sources go along
+# so that m2mkd_fast.cpp_jit can build the extension on first use where the wheel has none
+DATA_PACKAGES = {"m2mkd_fast.configs": ["*.yaml"], "m2mkd_fast.data.assets": ["*.npz"],
+                 "m2mkd_fast.csrc": ["*.cpp", "*.h"]}
 
 setup(
     name="m2mkd_fast",
@@ -61,10 +67,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["m2mkd_fast", "m2mkd_fast.*"]) + ["m2mkd_fast.kernels"],
-    package_dir={"m2mkd_fast.kernels": "kernels"},
-    package_data={"m2mkd_fast": ["configs/*.yaml", "data/assets/*"]},
-    include_package_data=True,
+    packages=find_packages(include=["m2mkd_fast", "m2mkd_fast.*"], exclude=["m2mkd_fast.kernels"])
+    + ["m2mkd_fast.kernels"] + list(DATA_PACKAGES),
+    package_dir={"m2mkd_fast.kernels": "kernels", "m2mkd_fast.csrc": "csrc"},
+    package_data=DATA_PACKAGES,
     install_requires=[
         "torch>=2.11",
         "timm>=1.0",

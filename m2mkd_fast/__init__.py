@@ -5,20 +5,25 @@ Subpackages load on first use, so `import m2mkd_fast` stays cheap:
 oracles), ``mk.layers`` (drop-in nn.Modules), ``mk.models`` (timm-registered models),
 ``mk.distill`` (the m2mKD trainer) and ``mk.data`` (offline datasets).
 With ``M2MKD_CPP_JIT=1`` the C++ extension is built just in time from csrc/ (``cpp_jit``).
+Nothing imports torch until one of these is used, so the command line answers ``--help`` at once.
 """
 
 import importlib
 import os
 
-from .backend import available_backends, use_backend
-
 __version__ = "0.1.0"
 __all__ = ["__version__", "available_backends", "use_backend", "ops", "reference", "layers", "models", "distill", "data"]
 
 _SUBPACKAGES = {"ops", "reference", "layers", "models", "distill", "data"}
+_BACKEND_API = {"available_backends", "use_backend"}
 
 
 def __getattr__(name):
+    if name in _BACKEND_API:
+        from . import backend
+
+        globals()[name] = getattr(backend, name)
+        return globals()[name]
     if name in _SUBPACKAGES:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module

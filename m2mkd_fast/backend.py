@@ -2,8 +2,8 @@
 
 Precedence: the op's ``backend=`` argument, then ``with use_backend(name):``, then the
 environment variable ``M2MKD_BACKEND``, then "auto". Auto picks Triton for CUDA tensors, the C++
-extension for CPU tensors when it is built, and plain PyTorch otherwise; a backend that does not
-implement an op is skipped by auto. Asking for an unavailable backend explicitly raises
+extension for CPU tensors when it is built (or can be built just in time: ``cpp_jit``), and plain
+PyTorch otherwise; a backend that does not implement an op is skipped by auto. Asking for an unavailable backend explicitly raises
 :class:`BackendUnavailable` saying why.
 
 Each backend is a package with one module per op family (``routing``, ``moe``, ``readin``,
@@ -63,12 +63,9 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     if name == "cpp":
         if device.type != "cpu":
             return f"the C++ backend runs on CPU tensors only, got {device.type} tensors"
-        try:
-            importlib.import_module("m2mkd_fast._C")
-        except ImportError as err:
-            return (f"the C++ extension m2mkd_fast._C is not built ({err}); reinstall with a C++ compiler and ninja, "
-                    "or set M2MKD_CPP_JIT=1 in a source checkout to build it just in time")
-        return None
+        from . import cpp_jit
+
+        return cpp_jit.unavailable_reason()
     raise ValueError(f"unknown backend {name!r}")
 
 

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `m2mkd-fast <phase> --help` for a phase's options; `m2mkd-fast presets` lists the shipped "
                "presets; `m2mkd-fast show-config` prints a resolved config. Every config key is documented in "
                "the default preset, m2mkd_fast/configs/default.yaml (a key it lacks is rejected).")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     sub = ap.add_subparsers(dest="phase", metavar="<phase>")
     sub.required = True
 
@@ -135,44 +136,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
                    help="print B's median times over A's for every case both ran, and run nothing")
-    p = sub.add_parser("presets", help="list the shipped presets", description="list the shipped presets")
+    p = sub.add_parser("presets", help="list the shipped presets: what each runs and its wall time on 2 CPU cores",
+                       description="list the shipped presets: what each runs and its wall time on 2 CPU cores")
     p = sub.add_parser("show-config", help="print the resolved config (preset + overrides) as YAML",
                        description="print the resolved config (preset + overrides) as YAML")
     p.add_argument("--config", "-c", default="default", metavar="PRESET|FILE", help="preset name or YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable)")
+    for p in sub.choices.values():  # also after the phase; SUPPRESS keeps a --debug given before it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of a user error too")
     return ap
 
 
 def main(argv=None) -> int:
+    """Parse (before importing torch: ``--help`` answers at once), run; a user error (bad option
+    value, config, checkpoint or file) prints one line and returns 2, ``--debug`` shows its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from .distill import report
+    try:
+        return _run(args, argv)
+    except (OSError, ValueError, RuntimeError) as err:
+        if args.debug or not _user_error(err):
+            raise
+        print(f"m2mkd-fast: error: {_one_line(err)}", file=sys.stderr)
+        return 2
 
-    report.COMMAND_LINE = " ".join(["m2mkd-fast"] + argv)
-    from .distill.config import ConfigError, available_presets, load_config
+
+def _user_error(err: BaseException) -> bool:
+    """A bad option value, config, checkpoint or file (ConfigError is a ValueError); any other
+    error is a bug and keeps its traceback."""
+    if isinstance(err, (OSError, ValueError)):
+        return True
+    checkpoint = sys.modules.get("m2mkd_fast.distill.checkpoint")  # not imported: none was raised
+    return checkpoint is not None and isinstance(err, checkpoint.CheckpointError)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (a file error names its path)."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _run(args, argv) -> int:
+    from .distill.config import available_presets, load_config, preset_summary
 
     if args.phase == "bench":
         return _bench(args)
     if args.phase == "presets":
         for name in available_presets():
-            print(name)
+            description, wall_time = preset_summary(name)
+            print(f"{name}: {description}; {wall_time}")
         return 0
-    try:
-        if args.phase == "reproduce" and args.quick and args.config == "default":
-            args.config = "quick"
-        overrides = list(args.overrides)
-        if args.phase == "reproduce":
-            if args.seeds:
-                overrides.append(f"reproduce.seeds=[{args.seeds}]")
-            if args.students:
-                overrides.append(f"reproduce.students=[{args.students}]")
-        if getattr(args, "device", None):
-            overrides.append(f"device={args.device}")
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"m2mkd-fast: config error: {err}", file=sys.stderr)
-        return 2
+    if args.phase == "reproduce" and args.quick and args.config == "default":
+        args.config = "quick"
+    overrides = list(args.overrides)
+    if args.phase == "reproduce":
+        if args.seeds:
+            overrides.append(f"reproduce.seeds=[{args.seeds}]")
+        if args.students:
+            overrides.append(f"reproduce.students=[{args.students}]")
+    if getattr(args, "device", None):
+        overrides.append(f"device={args.device}")
+    cfg = load_config(args.config, overrides)
     if args.phase == "show-config":
         import yaml
 
@@ -181,55 +208,56 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .distill.checkpoint import CheckpointError
+    from .distill import report
     from .distill.pipeline import Pipeline
 
+    report.COMMAND_LINE = " ".join(["m2mkd-fast"] + argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or f"runs/{args.config if '/' not in args.config else 'custom'}"
     try:
         pipe = Pipeline(cfg, run_dir, progress=not args.no_progress, force=args.force)
-    except RuntimeError as err:
-        print(f"m2mkd-fast: {err}", file=sys.stderr)
-        return 2
+    except RuntimeError as err:  # the device asked for is absent
+        raise ValueError(str(err)) from err
     try:
-        seed = getattr(args, "seed", None)
-        if seed is None:
-            seed = cfg["reproduce"]["seeds"][0]
-        resume = getattr(args, "resume", False)
-        ph = args.phase
-        if ph == "pretrain-meta":
-            pipe.pretrain_meta(resume)
-        elif ph == "train-teacher":
-            pipe.train_teacher(resume)
-        elif ph == "split-teacher":
-            pipe.split_teacher()
-        elif ph == "distill":
-            module = args.module if args.module == "all" else _int(args.module, "--module")
-            pipe.distill(args.student, seed, module, resume, pairs_in_parallel=args.pairs_in_parallel)
-        elif ph == "assemble":
-            pipe.assemble(args.student, seed)
-        elif ph == "finetune":
-            pipe.finetune(args.student, seed, resume)
-        elif ph == "scratch":
-            pipe.scratch(args.student, seed, resume)
-        elif ph == "evaluate":
-            model = None
-            if args.weights:
-                from .distill.checkpoint import load_state_checked, load_weights
-
-                model = pipe.build_student(args.student, seed)
-                sd, _ = load_weights(args.weights)
-                load_state_checked(model, sd, f"weights {args.weights}")
-            pipe.evaluate(args.student, seed, args.which if not args.weights else "weights", model=model)
-        elif ph == "reproduce":
-            pipe.reproduce(report_dir=args.report_dir, jobs=args.jobs)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"m2mkd-fast {args.phase}: error: {err}", file=sys.stderr)
-        return 1
+        _phase(pipe, cfg, args)
     finally:
         pipe.ctx.close()
     return 0
+
+
+def _phase(pipe, cfg: dict, args):
+    seed = getattr(args, "seed", None)
+    if seed is None:
+        seed = cfg["reproduce"]["seeds"][0]
+    resume = getattr(args, "resume", False)
+    ph = args.phase
+    if ph == "pretrain-meta":
+        pipe.pretrain_meta(resume)
+    elif ph == "train-teacher":
+        pipe.train_teacher(resume)
+    elif ph == "split-teacher":
+        pipe.split_teacher()
+    elif ph == "distill":
+        module = args.module if args.module == "all" else _int(args.module, "--module")
+        pipe.distill(args.student, seed, module, resume, pairs_in_parallel=args.pairs_in_parallel)
+    elif ph == "assemble":
+        pipe.assemble(args.student, seed)
+    elif ph == "finetune":
+        pipe.finetune(args.student, seed, resume)
+    elif ph == "scratch":
+        pipe.scratch(args.student, seed, resume)
+    elif ph == "evaluate":
+        model = None
+        if args.weights:
+            from .distill.checkpoint import load_state_checked, load_weights
+
+            model = pipe.build_student(args.student, seed)
+            sd, _ = load_weights(args.weights)
+            load_state_checked(model, sd, f"weights {args.weights}")
+        pipe.evaluate(args.student, seed, args.which if not args.weights else "weights", model=model)
+    elif ph == "reproduce":
+        pipe.reproduce(report_dir=args.report_dir, jobs=args.jobs)
 
 
 def _bench(args) -> int:
@@ -247,7 +275,7 @@ def _int(s, name):
     try:
         return int(s)
     except ValueError:
-        raise SystemExit(f"m2mkd-fast: {name} must be an integer or 'all', got {s!r}") from None
+        raise ValueError(f"{name} must be an integer or 'all', got {s!r}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,12 @@
 """The m2mKD pipeline end to end: the quick reproduction through the CLI, phase caching and
 errors, bad configs, exact resumption after a SIGKILL, and DDP on 2 CPU processes."""
 
+import contextlib
+import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +25,15 @@ def quick_run(tmp_path_factory):
     """`m2mkd-fast reproduce --quick` once for the whole module (about a minute)."""
     root = tmp_path_factory.mktemp("quick")
     threads = torch.get_num_threads()
+    log = io.StringIO()
     try:
-        rc = main(["reproduce", "--quick", "--run-dir", str(root), "--no-progress", "--threads", "1",
-                   "--report-dir", str(root / "report")])
+        with contextlib.redirect_stderr(log):
+            rc = main(["reproduce", "--quick", "--run-dir", str(root), "--no-progress", "--threads", "1",
+                       "--report-dir", str(root / "report")])
     finally:
         torch.set_num_threads(threads)
-    assert rc == 0
+    (root / "reproduce.stderr").write_text(log.getvalue())  # for test_progress_lines
+    assert rc == 0, log.getvalue()[-3000:]
     return root
 
 
@@ -85,13 +92,13 @@ def test_done_phases_are_skipped_and_errors_are_clear(quick_run, tmp_path, capsy
     assert main(["evaluate", "--config", "quick", "--run-dir", root, "--student", "vmoe", "--which", "assembled"]) == 0
     assert (quick_run / "seed0/vmoe/eval_assembled.json").is_file()
     empty = str(tmp_path / "empty")
-    assert main(["finetune", "--config", "quick", "--run-dir", empty, "--student", "nac"]) == 1
+    assert main(["finetune", "--config", "quick", "--run-dir", empty, "--student", "nac"]) == 2
     assert "no assembled student" in capsys.readouterr().err
-    assert main(["distill", "--config", "quick", "--run-dir", empty, "--student", "nac"]) == 1
+    assert main(["distill", "--config", "quick", "--run-dir", empty, "--student", "nac"]) == 2
     assert "pretrain-meta" in capsys.readouterr().err
-    assert main(["distill", "--config", "quick", "--run-dir", root, "--student", "nac", "--module", "7"]) == 1
+    assert main(["distill", "--config", "quick", "--run-dir", root, "--student", "nac", "--module", "7"]) == 2
     assert "--module must be in [0, 3]" in capsys.readouterr().err
-    assert main(["pretrain-meta", "--config", "quick", "--run-dir", empty, "--resume"]) == 1
+    assert main(["pretrain-meta", "--config", "quick", "--run-dir", empty, "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 
@@ -145,7 +152,7 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, capsys):
     # a resume with another config is refused, naming the key
     threads = torch.get_num_threads()
     try:
-        assert main(args + ["--run-dir", str(killed), "--resume", "--set", "meta.train.lr=0.1"]) == 1
+        assert main(args + ["--run-dir", str(killed), "--resume", "--set", "meta.train.lr=0.1"]) == 2
     finally:
         torch.set_num_threads(threads)
     assert "meta.train.lr" in capsys.readouterr().err
@@ -232,3 +239,30 @@ def test_imagefolder_data_through_a_phase(tmp_path):
     assert rc == 0
     sd, _ = load_weights(tmp_path / "run" / "meta" / "model.safetensors")
     assert sd["patch_embed.proj.weight"].shape[1] == 3 and sd["head.weight"].shape[0] == 2
+
+
+def _progress_lines(text: str) -> list[tuple[int, int, str]]:
+    return [(int(k), int(n), what) for k, n, what in re.findall(r"\[(\d+)/(\d+)\] (.+?) — elapsed .+, ETA .+", text)]
+
+
+def test_progress_lines_one_per_unit_and_data_described_once(quick_run, tmp_path, capsys):
+    """The parent process logs "[k/N] unit — elapsed, ETA" once per unit, in one process (the
+    quick preset) and with worker processes (the same run again: every unit found done)."""
+    quick = (quick_run / "reproduce.stderr").read_text()
+    lines = _progress_lines(quick)
+    n = 2 + 1 + 2 * 2  # meta, teacher, split, then (m2mkd, scratch) x (nac, vmoe) x 1 seed
+    assert [(k, total) for k, total, _ in lines] == [(k, n) for k in range(1, n + 1)], quick[-3000:]
+    assert [what for _, _, what in lines[:3]] == ["pretrain-meta", "train-teacher", "split-teacher"]
+    assert {what for _, _, what in lines[3:]} == {f"{p} {s} seed 0" for p in ("m2mkd", "scratch") for s in ("nac", "vmoe")}
+    assert quick.count("data: ") == 1
+    again = tmp_path / "again"
+    shutil.copytree(quick_run, again)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["reproduce", "--quick", "--run-dir", str(again), "--jobs", "2", "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    parallel = capsys.readouterr().err
+    lines = _progress_lines(parallel)
+    assert [(k, total) for k, total, _ in lines] == [(k, n) for k in range(1, n + 1)], parallel[-3000:]
+    assert lines[4][2] == "split-teacher" and parallel.count("data: ") == 1

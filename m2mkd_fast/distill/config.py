@@ -30,6 +30,12 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+def preset_summary(name: str) -> tuple[str, str]:
+    """A shipped preset's one-line ``description`` and its expected ``wall_time`` on 2 CPU cores."""
+    cfg = _load_chain(name)
+    return cfg["description"], cfg["wall_time"]
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:

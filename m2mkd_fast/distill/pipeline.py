@@ -36,6 +36,7 @@ from ..data.transforms import Normalize
 from .checkpoint import CheckpointError, load_state_checked, load_weights, save_weights
 from .config import dump_config, fingerprint
 from .dist import DistContext, init_distributed
+from .progress import UnitProgress
 from .students import assemble, build_model, module_state, pair_student, width
 from .tasks import EndToEnd, IncubationTask, PairTask
 from .trainer import evaluate_accuracy, iterate_batches, train
@@ -79,6 +80,7 @@ class Pipeline:
         self.progress = progress
         self.force = force
         self._data = None
+        self.announce_data = True  # worker processes of a parallel reproduce load the data silently
         if self.ctx.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             if write_config:
@@ -89,8 +91,10 @@ class Pipeline:
     def data(self):
         if self._data is None:
             self._data = build_data(self.cfg["data"])
-            log(f"data: {self._data.source}: {len(self._data.train)} train / {len(self._data.test)} test, "
-                f"{self._data.num_classes} classes, {self._data.in_chans}x{self._data.img_size}x{self._data.img_size}", self.ctx)
+            if self.announce_data:
+                log(f"data: {self._data.source}: {len(self._data.train)} train / {len(self._data.test)} test, "
+                    f"{self._data.num_classes} classes, {self._data.in_chans}x{self._data.img_size}x{self._data.img_size}",
+                    self.ctx)
         return self._data
 
     def student_dir(self, kind: str, seed: int) -> Path:
@@ -470,24 +474,36 @@ class Pipeline:
         if self.ctx.distributed:
             jobs = 1
         units = [(kind, seed) for kind in sorted(rcfg["students"], key=lambda k: k != "vmoe") for seed in rcfg["seeds"]]
+        first = [("teacher",), ("meta",)] + [("scratch", kind, seed) for kind, seed in units]
+        second = [("m2mkd", kind, seed) for kind, seed in units]
+        progress = UnitProgress(len(first) + 1 + len(second), lambda line: log(line, self.ctx),
+                                bar=self.progress and self.ctx.is_main)
         if jobs <= 1:
-            for key, fn in (("pretrain-meta", self.pretrain_meta), ("train-teacher", self.train_teacher)):
+            for unit, key, fn in ((("meta",), "pretrain-meta", self.pretrain_meta),
+                                  (("teacher",), "train-teacher", self.train_teacher)):
                 t = time.time()
                 fn(resume="auto")
                 timings[key] = time.time() - t
+                progress.done(unit)
             if self.force or not self._teacher_split_current():
                 t = time.time()
                 self.split_teacher()
                 timings["split-teacher"] = time.time() - t
+            progress.done(("split",))
             for kind, seed in sorted(units, key=lambda u: (u[1], u[0])):
-                self.run_student(kind, seed, timings)
+                for part in ("m2mkd", "scratch"):
+                    self.run_student(kind, seed, timings, part=part)
+                    progress.done((part, kind, seed))
         else:
-            self._parallel([("teacher",), ("meta",)] + [("scratch", kind, seed) for kind, seed in units], jobs, timings)
+            self.data  # noqa: B018 - loaded here to be described once: the workers load it silently
+            self._parallel(first, jobs, timings, progress)
             if self.force or not self._teacher_split_current():
                 t = time.time()
                 self.split_teacher()
                 timings["split-teacher"] = time.time() - t
-            self._parallel([("m2mkd", kind, seed) for kind, seed in units], jobs, timings)
+            progress.done(("split",))
+            self._parallel(second, jobs, timings, progress)
+        progress.close()
         wall = time.time() - t0
         if self.ctx.is_main:
             from .report import write_report
@@ -502,17 +518,18 @@ class Pipeline:
             return path
         return None
 
-    def _parallel(self, work: list, jobs: int, timings: dict):
+    def _parallel(self, work: list, jobs: int, timings: dict, progress: UnitProgress):
         import concurrent.futures as cf
         import multiprocessing as mp
 
         log(f"running {len(work)} unit(s) in {min(jobs, len(work))} worker process(es), 1 thread each", self.ctx)
         with cf.ProcessPoolExecutor(max_workers=min(jobs, len(work)), mp_context=mp.get_context("spawn")) as ex:
             # submitted in order: the pool hands the next unit to whichever worker frees first
-            futs = [ex.submit(_worker, self.cfg, str(self.root), self.force, unit) for unit in work]
+            futs = {ex.submit(_worker, self.cfg, str(self.root), self.force, unit): unit for unit in work}
             for f in cf.as_completed(futs):
                 for k, v in f.result().items():
                     timings[k] = timings.get(k, 0.0) + v
+                progress.done(futs[f])
 
 
 def _worker(cfg: dict, root: str, force: bool, unit: tuple) -> dict:
@@ -522,6 +539,7 @@ def _worker(cfg: dict, root: str, force: bool, unit: tuple) -> dict:
 
     pipe = Pipeline(cfg, root, ctx=DistContext(device=pick_device(cfg["device"])), progress=False, force=force,
                     write_config=False)
+    pipe.announce_data = False
     t = time.time()
     if unit[0] == "meta":
         pipe.pretrain_meta(resume="auto")
