@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or f"runs/{args.config if '/' not in args.config else 'custom'}"
     try:
-        pipe = Pipeline(cfg, run_dir, progress=not args.no_progress, force=args.force)
+        pipe = Pipeline(cfg, run_dir, progress=not args.no_progress, force=args.force,
+                        lock="shared" if args.phase == "distill" and args.module != "all" else "exclusive")
     except RuntimeError as err:
         print(f"m2mkd-fast: {err}", file=sys.stderr)
         return 2
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
         print(f"m2mkd-fast {args.phase}: error: {err}", file=sys.stderr)
         return 1
     finally:
-        pipe.ctx.close()
+        pipe.close()
     return 0
 
 

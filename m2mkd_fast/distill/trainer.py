@@ -31,6 +31,7 @@ import torch.nn as nn
 from ..data.transforms import Normalize, TrainTransform
 from .checkpoint import CheckpointError, load_training_checkpoint, rng_state, save_training_checkpoint, save_weights
 from .dist import DistContext
+from .files import atomic_write_text
 from .loss import DistillationLoss, one_hot_targets
 
 
@@ -163,6 +164,18 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def cut_back(self, epoch: int, global_step: int):
+        """Drop what a killed run logged after its checkpoint (at ``epoch``, ``global_step``): the
+        resumed run logs those steps again."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for r in read_metrics(self.path):
+            if r.get("global_step", -1) > global_step or (r.get("kind") == "epoch" and r["epoch"] >= epoch):
+                break
+            kept.append(json.dumps(r) + "\n")
+        atomic_write_text(self.path, "".join(kept))
+
 
 def read_metrics(path) -> list[dict]:
     path = Path(path)
@@ -285,6 +298,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
         st = load_training_checkpoint(last_ckpt, model=task, optimizer=opt, config=config, phase=phase,
                                       rank=ctx.rank, world_size=ctx.world_size)
         sched.load_state_dict(st["scheduler"])
+        metrics.cut_back(int(st["progress"]["epoch"]), sched.step_count)
         start_epoch, start_step = int(st["progress"]["epoch"]), int(st["progress"]["step_in_epoch"])
         if start_step >= steps_per_epoch:
             start_epoch, start_step = start_epoch + 1, 0
@@ -396,8 +410,10 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                   f"({epoch_s:.1f} s)", file=sys.stderr, flush=True)
         checkpoint(epoch + 1, 0)
         _die_after(sched.step_count)
-    seconds = time.time() - t_start
     task.eval()
+    if test_acc is None and epochs > 0:  # resumed from the last epoch's checkpoint: evaluate it again
+        test_acc = evaluate_accuracy(eval_fn, eval_set, norm, max(bs, 256), device, ctx)
+    seconds = time.time() - t_start
     if ctx.is_main:
         save_weights(save_module if save_module is not None else task, final,
                      {"phase": phase, "config": config, "test_acc": test_acc, "epochs": epochs})
