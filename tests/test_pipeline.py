@@ -105,6 +105,12 @@ def test_done_phases_are_skipped_and_errors_are_clear(quick_run, tmp_path, capsy
     (["--set", "meta.train.warmup_epochs=9"], "warmup_epochs"),
     (["--config", "no_such_preset"], "no config"),
     (["--set", "novalue"], "key=value"),
+    (["--set", "log.every=0"], "'log.every': must be >= 1"),
+    (["--set", "evaluate.batch_size=0"], "'evaluate.batch_size': must be >= 1"),
+    (["--set", "data.test_limit=-5"], "'data.test_limit': must be >= 0"),
+    (["--set", "meta.train.epochs=null"], "'meta.train.epochs' must be int (like 4), got null"),
+    (["--set", "students.nac.finetune.ckpt_every=-1"], "students.nac.finetune.ckpt_every"),
+    (["--set", "reproduce.seeds=[-1]"], "reproduce.seeds"),
 ])
 def test_bad_configs_are_rejected(args, msg, capsys):
     assert main(["show-config"] + args) == 2
@@ -116,6 +122,11 @@ def test_bad_yaml_file_and_help(tmp_path, capsys):
     bad.write_text("base: default\nstudents:\n  nac:\n    finetune:\n      epoch: 3\n")
     assert main(["show-config", "--config", str(bad)]) == 2
     assert "students.nac.finetune.epoch" in capsys.readouterr().err
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x00\xff\xfe\x10 not text")
+    assert main(["show-config", "--config", str(binary)]) == 2
+    assert "binary.yaml: not a text (UTF-8) file" in capsys.readouterr().err
+    assert main(["show-config", "--set", "data.test_limit=null"]) == 0  # null = all, as 0
     with pytest.raises(SystemExit):
         main(["distill", "--help"])
     out = capsys.readouterr().out
