@@ -11,9 +11,10 @@ import importlib
 import os
 
 from .backend import available_backends, use_backend
+from .checks import set_checks
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "available_backends", "use_backend", "ops", "reference", "layers", "models", "distill", "data"]
+__all__ = ["__version__", "available_backends", "use_backend", "set_checks", "ops", "reference", "layers", "models", "distill", "data"]
 
 _SUBPACKAGES = {"ops", "reference", "layers", "models", "distill", "data"}
 
