@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..data.transforms import Normalize, TrainTransform
 from .checkpoint import CheckpointError, load_training_checkpoint, rng_state, save_training_checkpoint, save_weights
 from .dist import DistContext
-from .files import atomic_write_text
+from .files import atomic_write_text, write_error
 from .loss import DistillationLoss, one_hot_targets
 
 
@@ -161,8 +161,11 @@ class MetricsLog:
         if not self.enabled:
             return
         record.setdefault("time", round(time.time(), 3))
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise write_error(self.path, err) from err
 
     def cut_back(self, epoch: int, global_step: int):
         """Drop what a killed run logged after its checkpoint (at ``epoch``, ``global_step``): the
