@@ -385,9 +385,6 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             run_correct += int((s_logits.argmax(-1) == target.argmax(-1)).sum())
             run_n += y.numel()
             done = step + 1
-            if ckpt_every and done % ckpt_every == 0 and done < steps_per_epoch:
-                checkpoint(epoch, done)
-                _die_after(sched.step_count)
             if done % log_every == 0 or done == steps_per_epoch:
                 stats = ctx.all_reduce_sum(torch.tensor([run_loss, run_correct, run_n], dtype=torch.float64))
                 ips = (done - first) * gbs / max(time.time() - t_epoch, 1e-9)
@@ -398,6 +395,9 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{100 * rec['train_acc']:.1f}", img_s=f"{ips:.0f}")
                 run_loss, run_correct, run_n = 0.0, 0, 0
+            if ckpt_every and done % ckpt_every == 0 and done < steps_per_epoch:
+                checkpoint(epoch, done)
+                _die_after(sched.step_count)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
