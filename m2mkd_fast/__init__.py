@@ -12,17 +12,16 @@ import importlib
 import os
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "available_backends", "use_backend", "ops", "reference", "layers", "models", "distill", "data"]
+__all__ = ["__version__", "available_backends", "use_backend", "set_checks", "ops", "reference", "layers", "models", "distill", "data"]
 
 _SUBPACKAGES = {"ops", "reference", "layers", "models", "distill", "data"}
-_BACKEND_API = {"available_backends", "use_backend"}
+_LAZY_FUNCTIONS = {"available_backends": "backend", "use_backend": "backend", "set_checks": "checks"}
 
 
 def __getattr__(name):
-    if name in _BACKEND_API:
-        from . import backend
-
-        globals()[name] = getattr(backend, name)
+    if name in _LAZY_FUNCTIONS:
+        module = importlib.import_module(f".{_LAZY_FUNCTIONS[name]}", __name__)
+        globals()[name] = getattr(module, name)
         return globals()[name]
     if name in _SUBPACKAGES:
         module = importlib.import_module(f".{name}", __name__)

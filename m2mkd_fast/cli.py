@@ -216,13 +216,14 @@ def _run(args, argv) -> int:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or f"runs/{args.config if '/' not in args.config else 'custom'}"
     try:
-        pipe = Pipeline(cfg, run_dir, progress=not args.no_progress, force=args.force)
-    except RuntimeError as err:  # the device asked for is absent
+        pipe = Pipeline(cfg, run_dir, progress=not args.no_progress, force=args.force,
+                        lock="shared" if args.phase == "distill" and args.module != "all" else "exclusive")
+    except RuntimeError as err:  # the device asked for is absent, or the run directory is busy
         raise ValueError(str(err)) from err
     try:
         _phase(pipe, cfg, args)
     finally:
-        pipe.ctx.close()
+        pipe.close()
     return 0
 
 

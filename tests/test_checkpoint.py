@@ -1,12 +1,18 @@
-"""safetensors checkpoints: atomic writes, round trips of model/optimizer/RNG state, clear errors."""
+"""safetensors checkpoints: atomic writes, round trips of model/optimizer/RNG state, clear errors; run-directory
+files: failed writes, leftovers of killed writes, artifact records, the run-directory lock."""
 
+import errno
 import os
 import random
 
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 
+from m2mkd_fast.distill import checkpoint
+from m2mkd_fast.distill.files import (ArtifactError, RunDirBusy, atomic_write_text, file_record, lock_run_dir,
+                                      remove_leftovers, verify_file)
 from m2mkd_fast.distill.checkpoint import (CheckpointError, atomic_save, config_differences, load_file_checked,
                                            load_state_checked, load_training_checkpoint, load_weights, rng_state,
                                            save_training_checkpoint, save_weights, set_rng_state)
@@ -117,3 +123,72 @@ def test_training_checkpoint_round_trip_and_config_check(tmp_path):
 def test_config_differences():
     d = config_differences({"a": {"b": 1, "c": 2}, "run": 1}, {"a": {"b": 1, "c": 3}, "run": 2, "new": 0})
     assert len(d) == 2 and d[0].startswith("a.c") and d[1].startswith("new")
+
+
+def test_non_finite_weights_are_refused():
+    sd = dict(_model().state_dict())
+    sd["2.bias"] = sd["2.bias"].clone()
+    sd["2.bias"][1] = float("nan")
+    with pytest.raises(CheckpointError, match=r"NaN or Inf .*2\.bias"):
+        load_state_checked(_model(), sd, "ckpt")
+
+
+@pytest.mark.parametrize("err, says", [
+    (SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"), "no space left"),
+    (OSError(errno.EROFS, "Read-only file system"), "read-only"),
+])
+def test_failed_writes_name_the_file_and_leave_the_old_one(tmp_path, monkeypatch, err, says):
+    path = save_weights(_model(), tmp_path / "w.safetensors")
+    before = path.read_bytes()
+
+    def fail(*a, **k):
+        raise err
+
+    monkeypatch.setattr(checkpoint, "save_file", fail)
+    with pytest.raises(OSError, match=says) as e:
+        save_weights(_model(), path)
+    assert str(path) in str(e.value)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["w.safetensors"]
+
+
+def test_atomic_text_writes_and_leftovers(tmp_path):
+    atomic_write_text(tmp_path / "a" / "x.json", "{}")
+    assert (tmp_path / "a" / "x.json").read_text() == "{}" and os.listdir(tmp_path / "a") == ["x.json"]
+    with pytest.raises(OSError, match="cannot write .*x.json"):
+        atomic_write_text(tmp_path / "a" / "x.json" / "x.json", "{}")  # its folder is a file
+    for name in (".model.safetensors.tmp123", ".done.json.tmp9", "keep.tmp1", ".keep.tmp"):
+        (tmp_path / "a" / name).write_text("")
+    (tmp_path / "a" / "b").mkdir()
+    (tmp_path / "a" / "b" / ".last.safetensors.tmp77").write_text("")
+    assert len(remove_leftovers(tmp_path / "a")) == 2
+    assert [p.name for p in remove_leftovers(tmp_path, recursive=True)] == [".last.safetensors.tmp77"]
+    assert sorted(os.listdir(tmp_path / "a")) == [".keep.tmp", "b", "keep.tmp1", "x.json"]
+
+
+def test_artifact_records_catch_changed_files(tmp_path):
+    path = save_weights(_model(), tmp_path / "w.safetensors")
+    rec = file_record(path)
+    verify_file(path, rec, "redo")
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="w.safetensors does not match the sha256.*redo it: REDO"):
+        verify_file(path, rec, "REDO")
+    path.write_bytes(bytes(raw[:-10]))
+    with pytest.raises(ArtifactError, match=f"has {len(raw) - 10} bytes, its done record says {len(raw)}"):
+        verify_file(path, rec, "REDO")
+    with pytest.raises(ArtifactError, match="no size/sha256 record"):
+        verify_file(path, None, "REDO")
+
+
+def test_run_dir_lock(tmp_path):
+    held = lock_run_dir(tmp_path / "run")
+    with pytest.raises(RunDirBusy, match=f"{tmp_path / 'run'} is in use by process {os.getpid()}"):
+        lock_run_dir(tmp_path / "run", shared=True)
+    held.close()
+    a, b = lock_run_dir(tmp_path / "run", shared=True), lock_run_dir(tmp_path / "run", shared=True)
+    with pytest.raises(RunDirBusy):
+        lock_run_dir(tmp_path / "run")
+    a.close()
+    b.close()
+    lock_run_dir(tmp_path / "run").close()

@@ -453,7 +453,8 @@ def test_bad_inputs_name_the_argument():
         ((q, k, v, sig_r[:4], sig_s, beta), {}, ValueError, r"sig_r must be \[U, S\] with U = 5"),
         ((q, k, v, sig_r, sig_s[:, :3], beta), {}, ValueError, r"sig_s must be \[V, S\] = \(6, 16\)"),
         ((q, k, v, sig_r, sig_s, beta[None]), {}, ValueError, "bandwidth must be 0-dim"),
-        ((q, k, v, sig_r, sig_s, -beta), {}, ValueError, "bandwidth must be > 0"),
+        ((q, k, v, sig_r, sig_s, -beta), {}, ValueError, "bandwidth must be finite and > 0"),
+        ((q, k, v, sig_r, sig_s, beta / 0), {}, ValueError, "bandwidth must be finite and > 0"),
         ((q, k, v, sig_r, sig_s, beta.long()), {}, TypeError, "bandwidth must be a floating-point tensor"),
         ((q, k.float(), v, sig_r, sig_s, beta), {}, TypeError, "k has dtype"),
         ((q, k, v, sig_r.to("meta"), sig_s, beta), {}, ValueError, "sig_r is on meta but q is on cpu"),
@@ -463,8 +464,8 @@ def test_bad_inputs_name_the_argument():
         ((q, k, v, sig_r, sig_s, beta), dict(temperature=0.5, seed=2**63), ValueError, "seed must be an int"),
         ((q, k, v, sig_r, sig_s, beta), dict(temperature=0.0, seed=1), ValueError, "temperature must be"),
         ((q, k, v, sig_r, sig_s, beta), dict(temperature=0.5, seed=1, threshold=True), ValueError, "exclusive"),
-        ((q, k, v, sig_r, sig_s, beta), dict(truncation=0.0), ValueError, r"truncation must be a number in \(0, 2\]"),
-        ((q, k, v, sig_r, sig_s, beta), dict(truncation=2.5), ValueError, "truncation must be"),
+        ((q, k, v, sig_r, sig_s, beta), dict(truncation=0.0), ValueError, "truncation must be a number > 0 or None"),
+        ((q, k, v, sig_r, sig_s, beta), dict(truncation=float("nan")), ValueError, "truncation must be"),
         ((q, k, v, sig_r, sig_s, beta), dict(threshold=1), TypeError, "threshold must be a bool"),
     ]
     for args, kwargs, err, match in cases:

@@ -485,3 +485,30 @@ def test_nac_timm_api():
     assert model(x).shape == (2, 7) and model.get_classifier() is model.head
     model.reset_classifier(0)
     assert model(x).shape == (2, 64)
+
+
+def test_pretrained_without_local_weights_fails_at_once(monkeypatch, tmp_path):
+    import time
+
+    from m2mkd_fast.models import weights
+
+    monkeypatch.setattr(weights, "_reachable", lambda host, timeout=3.0: False)  # offline
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
+    names = our_models()
+    assert "staged_deit_tiny_patch16_224" in names and "nac_micro" in names and "vmoe_micro" in names
+    t = time.time()
+    for name in names:
+        with pytest.raises(RuntimeError, match=f"{name}: pretrained=True, but its weights .* cannot be reached"
+                           f"|{name} has no published pretrained weights"):
+            timm.create_model(name, pretrained=True)
+    assert time.time() - t < 10
+    # weights given as a local file load without any network
+    src = timm.create_model("meta_vit_micro", num_stages=2)
+    from safetensors.torch import save_file
+
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    got = timm.create_model("meta_vit_micro", num_stages=2, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / "w.safetensors")))
+    for k, v in src.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k

@@ -1,5 +1,6 @@
 """The m2mKD pipeline end to end: the quick reproduction through the CLI, phase caching and
-errors, bad configs, exact resumption after a SIGKILL, and DDP on 2 CPU processes."""
+errors, bad configs, exact resumption after SIGKILLs, the run-directory lock, corrupted
+artifacts, and DDP on 2 CPU processes."""
 
 import contextlib
 import io
@@ -16,6 +17,7 @@ import torch
 
 from m2mkd_fast.cli import main
 from m2mkd_fast.distill.checkpoint import load_weights
+from m2mkd_fast.distill.files import lock_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +112,12 @@ def test_done_phases_are_skipped_and_errors_are_clear(quick_run, tmp_path, capsy
     (["--set", "meta.train.warmup_epochs=9"], "warmup_epochs"),
     (["--config", "no_such_preset"], "no config"),
     (["--set", "novalue"], "key=value"),
+    (["--set", "log.every=0"], "'log.every': must be >= 1"),
+    (["--set", "evaluate.batch_size=0"], "'evaluate.batch_size': must be >= 1"),
+    (["--set", "data.test_limit=-5"], "'data.test_limit': must be >= 0"),
+    (["--set", "meta.train.epochs=null"], "'meta.train.epochs' must be int (like 4), got null"),
+    (["--set", "students.nac.finetune.ckpt_every=-1"], "students.nac.finetune.ckpt_every"),
+    (["--set", "reproduce.seeds=[-1]"], "reproduce.seeds"),
 ])
 def test_bad_configs_are_rejected(args, msg, capsys):
     assert main(["show-config"] + args) == 2
@@ -121,6 +129,11 @@ def test_bad_yaml_file_and_help(tmp_path, capsys):
     bad.write_text("base: default\nstudents:\n  nac:\n    finetune:\n      epoch: 3\n")
     assert main(["show-config", "--config", str(bad)]) == 2
     assert "students.nac.finetune.epoch" in capsys.readouterr().err
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x00\xff\xfe\x10 not text")
+    assert main(["show-config", "--config", str(binary)]) == 2
+    assert "binary.yaml: not a text (UTF-8) file" in capsys.readouterr().err
+    assert main(["show-config", "--set", "data.test_limit=null"]) == 0  # null = all, as 0
     with pytest.raises(SystemExit):
         main(["distill", "--help"])
     out = capsys.readouterr().out
@@ -133,22 +146,25 @@ def _cli(args, env=None, timeout=600):
                           text=True, timeout=timeout)
 
 
-RESUME_SET = ["meta.train.epochs=2", "meta.train.train_limit=128", "meta.train.batch_size=32", "meta.train.ckpt_every=1",
+RESUME_SET = ["meta.train.epochs=2", "meta.train.train_limit=128", "meta.train.batch_size=32", "meta.train.ckpt_every=2",
               "augment.mixup=0.8", "augment.cutmix=1.0", "augment.erase_prob=0.25", "data.test_limit=64",
-              "meta.kwargs={num_stages: 4, drop_path_rate: 0.1}"]
+              "meta.kwargs={num_stages: 4, drop_path_rate: 0.1}", "log.every=3"]
 
 
 def _sets(items):
     return [x for s in items for x in ("--set", s)]
 
 
-def test_resume_after_kill_reaches_the_same_weights(tmp_path, capsys):
+def test_resume_after_kills_reaches_the_same_weights(tmp_path, capsys):
     killed = tmp_path / "killed"
+    meta = killed / "meta"
     args = ["pretrain-meta", "--config", "quick", "--no-progress", "--threads", "1"] + _sets(RESUME_SET)
-    # 2 epochs x 4 steps; SIGKILL right after the checkpoint of step 6 (mid-way through epoch 2)
-    r = _cli(args + ["--run-dir", str(killed)], env={"M2MKD_DIE_AFTER_STEP": "6"})
+    # 2 epochs x 4 steps, a checkpoint every 2 steps, a metrics line every 3; SIGKILL while writing
+    # the checkpoint at the end of epoch 2: its temp file is left behind, the one of step 6 is
+    # intact, and metrics.jsonl holds step 7 and epoch 2's record, which the resumed run redoes
+    r = _cli(args + ["--run-dir", str(killed)], env={"M2MKD_DIE_WRITING": "last.safetensors:4"})
     assert r.returncode == -9, r.stderr[-2000:]
-    assert (killed / "meta" / "last.safetensors").exists() and not (killed / "meta" / "model.safetensors").exists()
+    assert [p.name for p in meta.glob(".last.safetensors.tmp*")] and not (meta / "model.safetensors").exists()
     # a resume with another config is refused, naming the key
     threads = torch.get_num_threads()
     try:
@@ -156,20 +172,88 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     assert "meta.train.lr" in capsys.readouterr().err
+    # resumed, then SIGKILLed right after the last epoch's checkpoint, before the final weights
+    r = _cli(args + ["--run-dir", str(killed), "--resume"], env={"M2MKD_DIE_AFTER_STEP": "8"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not list(meta.glob(".*.tmp*")) and not (meta / "model.safetensors").exists()
+    # resumed again: nothing left to train; the final evaluation is redone from the checkpoint
     r = _cli(args + ["--run-dir", str(killed), "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
+    done = json.loads((meta / "done.json").read_text())
+    assert done["test_acc"] is not None and done["artifacts"]["model.safetensors"]["size"] > 0
     # the same run uninterrupted, in this process
     try:
         assert main(args + ["--run-dir", str(tmp_path / "straight")]) == 0
     finally:
         torch.set_num_threads(threads)
-    a, _ = load_weights(killed / "meta" / "model.safetensors")
+    a, _ = load_weights(meta / "model.safetensors")
     b, _ = load_weights(tmp_path / "straight" / "meta" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    recs = [json.loads(x) for x in (killed / "meta" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r["kind"] == "resume" and r["epoch"] == 1 and r["step_in_epoch"] == 2 for r in recs)
+    recs = [json.loads(x) for x in (meta / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step_in_epoch"]) for r in recs if r["kind"] == "resume"] == [(1, 2), (2, 0)]
+    # every step and epoch logged once, as in the uninterrupted run
+    steps = [r["global_step"] for r in recs if r["kind"] == "train"]
+    straight = [json.loads(x) for x in (tmp_path / "straight" / "meta" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [r["global_step"] for r in straight if r["kind"] == "train"]
+    assert [r["epoch"] for r in recs if r["kind"] == "epoch"] == [0, 1]
+
+
+def test_a_second_process_on_a_busy_run_dir_stops_at_once(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom m2mkd_fast.distill.files import lock_run_dir\n"
+                               f"f = lock_run_dir({str(run)!r})\nprint('locked', flush=True)\ntime.sleep(600)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = _cli(["pretrain-meta", "--config", "quick", "--run-dir", str(run), "--no-progress"], timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert f"run directory {run} is in use by process {holder.pid}" in r.stderr
+        assert not (run / "config.yaml").exists()  # it wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    lock_run_dir(run).close()  # the OS released the killed holder's lock
+
+
+def _flip_byte(path, offset=-100):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x55
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupted_artifacts_stop_with_the_file_and_the_redo_command(quick_run, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "run"
+    shutil.copytree(quick_run, root, ignore=shutil.ignore_patterns("*.png", "report"))
+    quick = ["--config", "quick", "--run-dir", str(root), "--no-progress", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        # bytes of the fine-tuned student overwritten: the cached evaluation, a forced one and a
+        # reproduce that would reuse it all stop, naming the file and the command that redoes it
+        model = root / "seed0/nac/finetune/model.safetensors"
+        _flip_byte(model)
+        redo = f"m2mkd-fast finetune --run-dir {root} --student nac --seed 0 --force"
+        for cmd in (["evaluate", "--student", "nac"], ["evaluate", "--student", "nac", "--force"], ["reproduce"]):
+            assert main(cmd + quick) != 0, cmd
+            err = capsys.readouterr().err
+            assert f"{model} does not match the sha256" in err and redo in err, (cmd, err[-2000:])
+        # a changed teacher module: distill stops before using it
+        module = root / "teacher_modules/module_2.safetensors"
+        _flip_byte(module)
+        assert main(["distill", "--student", "vmoe", "--module", "0", "--force"] + quick) != 0
+        err = capsys.readouterr().err
+        assert f"{module} does not match" in err and f"m2mkd-fast split-teacher --run-dir {root} --force" in err
+        # a truncated meta model: pretrain-meta does not call it done
+        meta = root / "meta/model.safetensors"
+        meta.write_bytes(meta.read_bytes()[:-1000])
+        assert main(["pretrain-meta"] + quick) != 0
+        err = capsys.readouterr().err
+        assert f"{meta} has" in err and f"m2mkd-fast pretrain-meta --run-dir {root} --force" in err
+    finally:
+        torch.set_num_threads(threads)
 
 
 DDP_SET = ["meta.train.epochs=1", "meta.train.train_limit=128", "meta.train.batch_size=32", "augment.padding=0",

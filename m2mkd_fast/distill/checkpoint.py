@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -26,27 +27,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .files import CheckpointError, fsync_path, temp_path, write_error
+
 FORMAT = "m2mkd_fast.checkpoint.v1"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, corrupt, or does not fit the run that loads it."""
-
-
 # --------------------------------------------------------------------------------- files
-
-
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _cpu_tensors(tensors: dict) -> dict:
@@ -67,26 +53,40 @@ def _cpu_tensors(tensors: dict) -> dict:
 
 
 def atomic_save(tensors: dict, path, metadata: dict | None = None) -> Path:
-    """Write tensors (and string→JSON metadata) to ``path`` atomically."""
+    """Write tensors (and string→JSON metadata) to ``path`` atomically. Raises OSError naming
+    ``path`` when the disk is full or not writable."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT}
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tensors = _cpu_tensors(tensors)
+    tmp = temp_path(path)
     try:
-        save_file(_cpu_tensors(tensors), str(tmp), metadata=meta)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=meta)
+        fsync_path(tmp)
+        _die_while_writing(path)
         os.replace(tmp, path)
+        fsync_path(path.parent)
+    except (OSError, SafetensorError) as err:
+        raise write_error(path, err) from err
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
     return path
+
+
+_WRITES: dict = {}
+
+
+def _die_while_writing(path: Path):
+    """Test hook: M2MKD_DIE_WRITING=<file name>:<n> kills this process (SIGKILL) during its n-th
+    write of that file, after the temp file is written and before it replaces the file."""
+    target = os.environ.get("M2MKD_DIE_WRITING")
+    if target and target.rsplit(":", 1)[0] == path.name:
+        _WRITES[path.name] = _WRITES.get(path.name, 0) + 1
+        if _WRITES[path.name] == int(target.rsplit(":", 1)[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_file_checked(path, device="cpu") -> tuple[dict, dict]:
@@ -138,7 +138,12 @@ def load_weights(path, device="cpu") -> tuple[dict, dict]:
 
 
 def load_state_checked(module: torch.nn.Module, state: dict, what: str, strict: bool = True):
-    """``module.load_state_dict`` with an error that lists missing / unexpected / mis-shaped keys."""
+    """``module.load_state_dict`` with an error that lists missing / unexpected / mis-shaped keys,
+    or names the tensors holding NaN / Inf."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{what} holds NaN or Inf values in {len(bad)} tensor(s): "
+                              + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
     own = module.state_dict()
     shape_bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                  for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]

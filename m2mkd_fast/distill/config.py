@@ -3,7 +3,8 @@
 Every preset derives (``base: <preset>``) from ``default.yaml``, which is also the schema: a key
 that default.yaml does not have is rejected (with the nearest known key suggested), and a value
 must have the type of the default's value (ints are accepted for floats; ``null`` defaults accept
-anything; sections named ``kwargs`` are open — they are passed to the model constructor).
+anything; ``null`` is accepted elsewhere only for the ``*_limit`` keys, where it means "all";
+sections named ``kwargs`` are open — they are passed to the model constructor).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import copy
 import difflib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import yaml
+
+from .files import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 STUDENTS = ("nac", "vmoe")
@@ -42,6 +44,10 @@ def _read_yaml(path: Path) -> dict:
             data = yaml.safe_load(f)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text (UTF-8) file: {err.reason} at byte {err.start}") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -114,8 +120,10 @@ def _check_against(schema, value, path: str):
                 raise ConfigError(f"unknown config key {sub!r}{hint}")
             _check_against(schema[k], v, sub)
         return
-    if schema is None or value is None or path.split(".")[-1] in OPEN_SECTIONS:
+    if schema is None or path.split(".")[-1] in OPEN_SECTIONS or (value is None and path.endswith("_limit")):
         return
+    if value is None:
+        raise ConfigError(f"config key {path!r} must be {type(schema).__name__} (like {schema!r}), got null")
     if isinstance(schema, bool):
         ok = isinstance(value, bool)
     elif isinstance(schema, int):
@@ -182,8 +190,30 @@ def validate(cfg: dict) -> dict:
          f"must be fashion_mnist, numpy or imagefolder, got {cfg['data']['name']!r}")
     need(cfg["data"]["source"] in ("auto", "full", "subset"), "data.source",
          f"must be auto, full or subset, got {cfg['data']['source']!r}")
+    for key, low in INT_MINIMA.items():
+        value = _get(cfg, key)
+        need(value is None or value >= low, key, f"must be >= {low}, got {value}")
+    need(cfg["data"]["in_chans"] in (1, 3), "data.in_chans", f"must be 1 or 3, got {cfg['data']['in_chans']}")
+    need(all(s >= 0 for s in r["seeds"]), "reproduce.seeds", f"must be >= 0, got {r['seeds']}")
+    for key in ("augment.mixup_prob", "augment.switch_prob"):
+        need(0.0 <= _get(cfg, key) <= 1.0, key, f"must be in [0, 1], got {_get(cfg, key)}")
+    need(fs["lr"] > 0, "evaluate.fewshot.lr", f"must be > 0, got {fs['lr']}")
     need(cfg["device"] in ("auto", "cpu", "cuda") or str(cfg["device"]).startswith("cuda:"), "device",
          f"must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
+    return cfg
+
+
+# integer keys and their smallest valid value (the *_limit keys also accept null = all)
+INT_MINIMA = {
+    "seed": 0, "data.img_size": 1, "data.train_limit": 0, "data.test_limit": 0, "data.subset_seed": 0,
+    "data.num_workers": 0, "evaluate.batch_size": 1, "evaluate.ood_seed": 0, "evaluate.fewshot.queries": 1,
+    "evaluate.fewshot.steps": 1, "evaluate.fewshot.seed": 0, "log.every": 1, "log.eval_limit": 0,
+}
+
+
+def _get(cfg: dict, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
     return cfg
 
 
@@ -196,7 +226,9 @@ def _check_train(tr, key, need):
     need(tr["warmup_epochs"] >= 0 and (tr["epochs"] == 0 or tr["warmup_epochs"] <= tr["epochs"]), f"{key}.warmup_epochs",
          f"must be in [0, epochs={tr['epochs']}], got {tr['warmup_epochs']}")
     need(tr["grad_clip"] >= 0, f"{key}.grad_clip", f"must be >= 0 (0 = off), got {tr['grad_clip']}")
-    need(tr["train_limit"] >= 0, f"{key}.train_limit", f"must be >= 0 (0 = all), got {tr['train_limit']}")
+    need(tr["train_limit"] is None or tr["train_limit"] >= 0, f"{key}.train_limit",
+         f"must be >= 0 (0 = all), got {tr['train_limit']}")
+    need(tr["ckpt_every"] >= 0, f"{key}.ckpt_every", f"must be >= 0 (0 = at epoch ends only), got {tr['ckpt_every']}")
 
 
 def load_config(name_or_path: str = "default", overrides=()) -> dict:
@@ -224,9 +256,4 @@ def fingerprint(obj) -> str:
 
 
 def dump_config(cfg: dict, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))

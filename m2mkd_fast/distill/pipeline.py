@@ -17,12 +17,16 @@ Run directory layout (``root`` = ``--run-dir``)::
 Every trainer run directory gets ``done.json`` holding a fingerprint of the config that
 produced it; a phase whose output is done with the same fingerprint is skipped (``force``
 redoes it), and a phase killed midway is resumed from its ``last.safetensors``.
+
+Faults (docs/design.md §2.8): the run directory is locked for the process's lifetime; every
+artifact's size and sha256 sit in its phase's done record (``done.json``,
+``teacher_modules/done.json``, ``assembled.json``) and are verified before the artifact is
+reused or loaded; a mismatch stops with the file's name and the command that redoes the phase.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
@@ -35,6 +39,7 @@ from ..data import build_data, corrupted_copy, linear_probe_episodes, load_digit
 from ..data.transforms import Normalize
 from .checkpoint import CheckpointError, load_state_checked, load_weights, save_weights
 from .config import dump_config, fingerprint
+from .files import atomic_write_text, file_record, lock_run_dir, remove_leftovers, verify_file
 from .dist import DistContext, init_distributed
 from .progress import UnitProgress
 from .students import assemble, build_model, module_state, pair_student, width
@@ -63,17 +68,27 @@ def _read_json(path: Path):
 
 
 def _write_json(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: pairs may run side by side
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _artifact_record(done_path: Path, name: str) -> dict | None:
+    """The size + sha256 record of artifact ``name`` in a done record (None when absent)."""
+    return ((_read_json(done_path) or {}).get("artifacts") or {}).get(name)
 
 
 class Pipeline:
-    """All phases over one run directory and one resolved config."""
+    """All phases over one run directory and one resolved config.
+
+    ``lock``: "exclusive" (the default) locks the run directory for this object's lifetime
+    (until :meth:`close` or the process ends) and removes the leftovers of killed writes;
+    "shared" lets independent ``distill --module i`` processes share it (each trainer run
+    directory is locked on its own); None for worker processes of a locked parent. Raises
+    RunDirBusy when another process holds the lock."""
 
     def __init__(self, cfg: dict, root, ctx: DistContext | None = None, progress: bool = True,
-                 force: bool = False, write_config: bool = True):
+                 force: bool = False, write_config: bool = True, lock: str | None = "exclusive"):
+        if lock not in ("exclusive", "shared", None):
+            raise ValueError(f"lock must be 'exclusive', 'shared' or None, got {lock!r}")
         self.cfg = cfg
         self.root = Path(root)
         self.ctx = ctx or init_distributed(cfg["device"])
@@ -81,10 +96,21 @@ class Pipeline:
         self.force = force
         self._data = None
         self.announce_data = True  # worker processes of a parallel reproduce load the data silently
+        self._lock = None
         if self.ctx.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
+            if lock:
+                self._lock = lock_run_dir(self.root, shared=lock == "shared")
+            if lock == "exclusive":
+                remove_leftovers(self.root, recursive=True)
             if write_config:
                 dump_config(cfg, self.root / "config.yaml")
+
+    def close(self):
+        """Release the run directory and the process group."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        self.ctx.close()
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -138,18 +164,37 @@ class Pipeline:
         seed_all(self.cfg["seed"])
         return build_model(self.cfg["meta"]["model"], self.cfg["meta"]["kwargs"], self.data)
 
-    def _done(self, run_dir: Path, pcfg: dict):
-        """done.json of a finished run with this config, else None."""
+    def redo_command(self, phase: str, kind: str | None = None, seed: int | None = None, module=None) -> str:
+        """The command line that redoes a phase of this run directory."""
+        cmd = f"m2mkd-fast {phase} --run-dir {self.root}"
+        if kind is not None:
+            cmd += f" --student {kind} --seed {seed}"
+        if module is not None:
+            cmd += f" --module {module}"
+        return f"`{cmd} --force` (with this run's --config and --set options)"
+
+    def _done(self, run_dir: Path, pcfg: dict, redo: str):
+        """done.json of a finished run with this config, its model verified, else None (a done
+        record of an older version, without artifact records, is redone)."""
         d = _read_json(run_dir / "done.json")
-        if d and d.get("fingerprint") == fingerprint(pcfg) and (run_dir / "model.safetensors").exists() and not self.force:
-            return d
-        return None
+        path = run_dir / "model.safetensors"
+        if self.force or not d or d.get("fingerprint") != fingerprint(pcfg) or not path.exists() or "artifacts" not in d:
+            return None
+        verify_file(path, d["artifacts"].get(path.name), redo)
+        return d
+
+    def _load_artifact(self, model, path: Path, done_path: Path, redo: str, what: str):
+        """Load weights into ``model`` after checking the file against its done record."""
+        verify_file(path, _artifact_record(done_path, path.name), redo)
+        sd, _ = load_weights(path)
+        load_state_checked(model, sd, f"{what} {path}")
+        return model
 
     def _train(self, task, run_dir: Path, phase: str, pcfg: dict, tcfg: dict, seed: int, resume: bool,
-               dcfg=None, save_module=None, title=""):
+               dcfg=None, save_module=None, title="", redo=""):
         """Run the trainer unless done; resume a killed run when asked (or when resume='auto'
-        and a checkpoint exists)."""
-        done = self._done(run_dir, pcfg)
+        and a checkpoint exists). ``redo``: the command that redoes this run (error messages)."""
+        done = self._done(run_dir, pcfg, redo)
         if done is not None:
             log(f"{title}: done already ({run_dir}; test acc {100 * (done.get('test_acc') or 0):.2f}%), skipped", self.ctx)
             return done
@@ -157,28 +202,37 @@ class Pipeline:
         do_resume = bool(resume) and (resume != "auto" or last.exists())
         if self.force and resume == "auto":
             do_resume = False
+
+        def run(resume_now):
+            return train(task, data=self.data, tcfg=tcfg, aug=self.cfg["augment"], dcfg=dcfg, run_dir=run_dir,
+                         phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=resume_now,
+                         save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
+                         title=title, eval_limit=self.cfg["log"]["eval_limit"],
+                         num_workers=self.cfg["data"]["num_workers"])
+
+        lock = lock_run_dir(run_dir) if self.ctx.is_main else None
         try:
-            res = train(task, data=self.data, tcfg=tcfg, aug=self.cfg["augment"], dcfg=dcfg, run_dir=run_dir,
-                        phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=do_resume,
-                        save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
-                        title=title, eval_limit=self.cfg["log"]["eval_limit"],
-                        num_workers=self.cfg["data"]["num_workers"])
-        except CheckpointError as err:
-            if resume != "auto":
-                raise
-            log(f"{title}: cannot resume ({err}); starting afresh", self.ctx)
-            res = train(task, data=self.data, tcfg=tcfg, aug=self.cfg["augment"], dcfg=dcfg, run_dir=run_dir,
-                        phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=False,
-                        save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
-                        title=title, eval_limit=self.cfg["log"]["eval_limit"],
-                        num_workers=self.cfg["data"]["num_workers"])
-        out = {"fingerprint": fingerprint(pcfg), "test_acc": res.final_test_acc, "seconds": res.seconds,
-               "cpu_seconds": res.cpu_seconds,
-               "img_per_s": res.images_per_s, "steps": res.steps, "phase": phase}
-        if self.ctx.is_main:
-            _write_json(run_dir / "done.json", out)
-            if last.exists() and not self.cfg["log"]["keep_last"]:
-                last.unlink()
+            if self.ctx.is_main:
+                remove_leftovers(run_dir)
+                (run_dir / "done.json").unlink(missing_ok=True)  # model.safetensors is about to change
+            try:
+                res = run(do_resume)
+            except CheckpointError as err:
+                if resume != "auto":
+                    raise
+                log(f"{title}: cannot resume ({err}); starting afresh", self.ctx)
+                res = run(False)
+            out = {"fingerprint": fingerprint(pcfg), "test_acc": res.final_test_acc, "seconds": res.seconds,
+                   "cpu_seconds": res.cpu_seconds,
+                   "img_per_s": res.images_per_s, "steps": res.steps, "phase": phase}
+            if self.ctx.is_main:
+                out["artifacts"] = {"model.safetensors": file_record(run_dir / "model.safetensors")}
+                _write_json(run_dir / "done.json", out)
+                if last.exists() and not self.cfg["log"]["keep_last"]:
+                    last.unlink()
+        finally:
+            if lock is not None:
+                lock.close()
         self.ctx.barrier()
         log(f"{title}: test acc {100 * (res.final_test_acc or 0):.2f}% in {res.seconds:.0f} s "
             f"({res.images_per_s:.0f} img/s)", self.ctx)
@@ -190,7 +244,8 @@ class Pipeline:
         model = build_model(self.cfg["meta"]["model"], self.cfg["meta"]["kwargs"], self.data)
         seed_all(self.cfg["seed"] + 7919 * self.ctx.rank)
         return self._train(EndToEnd(model), self.root / "meta", "pretrain-meta", self.phase_config("pretrain-meta"),
-                           self.cfg["meta"]["train"], self.cfg["seed"], resume, save_module=model, title="meta")
+                           self.cfg["meta"]["train"], self.cfg["seed"], resume, save_module=model, title="meta",
+                           redo=self.redo_command("pretrain-meta"))
 
     def train_teacher(self, resume=False):
         seed_all(self.cfg["seed"] + 1)
@@ -198,33 +253,30 @@ class Pipeline:
         seed_all(self.cfg["seed"] + 1 + 7919 * self.ctx.rank)
         return self._train(EndToEnd(model), self.root / "teacher", "train-teacher", self.phase_config("train-teacher"),
                            self.cfg["teacher"]["train"], self.cfg["seed"] + 1, resume, save_module=model,
-                           title="teacher")
+                           title="teacher", redo=self.redo_command("train-teacher"))
 
     def load_meta(self):
         model = build_model(self.cfg["meta"]["model"], self.cfg["meta"]["kwargs"], self.data)
         path = self.root / "meta" / "model.safetensors"
         if not path.exists():
             raise CheckpointError(f"no meta model at {path}: run `m2mkd-fast pretrain-meta` first")
-        sd, _ = load_weights(path)
-        load_state_checked(model, sd, f"meta model {path}")
-        return model.eval()
+        return self._load_artifact(model, path, path.parent / "done.json", self.redo_command("pretrain-meta"),
+                                   "meta model").eval()
 
     def load_teacher(self, from_modules: bool = True):
         """The teacher, from its split modules (split-teacher's output) or its full weights."""
         model = build_model(self.cfg["teacher"]["model"], self.cfg["teacher"]["kwargs"], self.data)
         mdir = self.root / "teacher_modules"
         if from_modules and (mdir / "module_0.safetensors").exists():
-            stages = model.stages
             for i in range(model.num_stages):
-                sd, _ = load_weights(mdir / f"module_{i}.safetensors")
-                load_state_checked(stages[i], sd, f"teacher module {i}")
+                self._load_artifact(model.stages[i], mdir / f"module_{i}.safetensors", mdir / "done.json",
+                                    self.redo_command("split-teacher"), f"teacher module {i}")
             return model.eval()
         path = self.root / "teacher" / "model.safetensors"
         if not path.exists():
             raise CheckpointError(f"no teacher at {path}: run `m2mkd-fast train-teacher` first")
-        sd, _ = load_weights(path)
-        load_state_checked(model, sd, f"teacher {path}")
-        return model.eval()
+        return self._load_artifact(model, path, path.parent / "done.json", self.redo_command("train-teacher"),
+                                   "teacher").eval()
 
     def split_teacher(self, resume="auto"):
         """Cut the trained teacher into its modules: teacher_modules/module_<i>.safetensors.
@@ -247,18 +299,23 @@ class Pipeline:
                 seed_all(self.cfg["seed"] + 31 * (i + 1) + 7919 * self.ctx.rank)
                 pcfg = {**self.phase_config("train-teacher"), "incubate": inc, "module": i,
                         "meta": fingerprint(self.phase_config("pretrain-meta"))}
-                self._train(task, self.root / "teacher_incubate" / f"module_{i}", "incubate-teacher", pcfg, inc,
+                run_dir = self.root / "teacher_incubate" / f"module_{i}"
+                self._train(task, run_dir, "incubate-teacher", pcfg, inc,
                             self.cfg["seed"] + 31 * (i + 1), resume, save_module=task.module,
-                            title=f"incubate teacher module {i}")
-                sd, _ = load_weights(self.root / "teacher_incubate" / f"module_{i}" / "model.safetensors")
-                load_state_checked(teacher.stages[i], sd, f"incubated teacher module {i}")
+                            title=f"incubate teacher module {i}", redo=self.redo_command("split-teacher"))
+                self._load_artifact(teacher.stages[i], run_dir / "model.safetensors", run_dir / "done.json",
+                                    self.redo_command("split-teacher"), f"incubated teacher module {i}")
         mdir = self.root / "teacher_modules"
         tfp = self._teacher_modules_fp()
         if self.ctx.is_main:
+            (mdir / "done.json").unlink(missing_ok=True)
+            artifacts = {}
             for i, stage in enumerate(teacher.stages):
-                save_weights(stage, mdir / f"module_{i}.safetensors",
-                             {"module": i, "num_stages": teacher.num_stages, "model": self.cfg["teacher"]["model"],
-                              "teacher_fingerprint": tfp, "incubated": inc["epochs"] > 0})
+                path = save_weights(stage, mdir / f"module_{i}.safetensors",
+                                    {"module": i, "num_stages": teacher.num_stages, "model": self.cfg["teacher"]["model"],
+                                     "teacher_fingerprint": tfp, "incubated": inc["epochs"] > 0})
+                artifacts[path.name] = file_record(path)
+            _write_json(mdir / "done.json", {"fingerprint": tfp, "artifacts": artifacts})
         self.ctx.barrier()
         log(f"split-teacher: {teacher.num_stages} modules written to {mdir}"
             + (" (incubated in the meta model)" if inc["epochs"] > 0 else ""), self.ctx)
@@ -273,11 +330,14 @@ class Pipeline:
         return fingerprint(base)
 
     def _teacher_split_current(self) -> bool:
-        p = self.root / "teacher_modules" / "module_0.safetensors"
-        if not p.exists():
+        """Whether teacher_modules/ holds the split of the current teacher (its files verified)."""
+        mdir = self.root / "teacher_modules"
+        done = _read_json(mdir / "done.json")
+        if not done or done.get("fingerprint") != self._teacher_modules_fp():
             return False
-        _, meta = load_weights(p)
-        return meta.get("teacher_fingerprint") == self._teacher_modules_fp()
+        for name, record in done["artifacts"].items():
+            verify_file(mdir / name, record, self.redo_command("split-teacher"))
+        return True
 
     # ------------------------------------------------------------------------------- students
     def build_student(self, kind: str, seed: int):
@@ -324,7 +384,8 @@ class Pipeline:
             run_dir = self.student_dir(kind, seed) / "distill" / f"module_{i}"
             res = self._train(task, run_dir, "distill", self.phase_config("distill", kind, seed, i),
                               self.cfg["students"][kind]["distill"], seed * 1000 + i, resume,
-                              dcfg=self.cfg["distill"], save_module=student, title=f"{kind} s{seed} pair {i}")
+                              dcfg=self.cfg["distill"], save_module=student, title=f"{kind} s{seed} pair {i}",
+                              redo=self.redo_command("distill", kind, seed, i))
             if "teacher_pair_acc" not in res:
                 res["teacher_pair_acc"] = self._teacher_pair_acc(task, i)
                 if self.ctx.is_main:
@@ -367,8 +428,8 @@ class Pipeline:
             full = self.build_student(kind, seed)
             seed_all(seed * 1000 + i)
             pair = pair_student(kind, full, i, meta_dim, seed)
-            sd, _ = load_weights(path)
-            load_state_checked(pair, sd, f"distilled module {path}")
+            self._load_artifact(pair, path, run_dir / "done.json", self.redo_command("distill", kind, seed, i),
+                                "distilled module")
             states.append(module_state(kind, pair))
         return states
 
@@ -378,7 +439,9 @@ class Pipeline:
         report = assemble(kind, model, states)
         path = self.student_dir(kind, seed) / "assembled.safetensors"
         if self.ctx.is_main:
+            (path.parent / "assembled.json").unlink(missing_ok=True)
             save_weights(model, path, {"phase": "assemble", "kind": kind, "seed": seed, "report": report})
+            _write_json(path.parent / "assembled.json", {"artifacts": {path.name: file_record(path)}})
         self.ctx.barrier()
         log(f"assemble {kind} s{seed}: {report.get('loaded_params', 0)}/{report.get('total_params', 0)} parameters "
             f"from distilled modules -> {path}", self.ctx)
@@ -389,31 +452,37 @@ class Pipeline:
         path = self.student_dir(kind, seed) / "assembled.safetensors"
         if not path.exists():
             raise CheckpointError(f"no assembled student at {path}: run `m2mkd-fast assemble --student {kind} --seed {seed}`")
-        sd, _ = load_weights(path)
-        load_state_checked(model, sd, f"assembled student {path}")
+        self._load_artifact(model, path, path.parent / "assembled.json", self.redo_command("assemble", kind, seed),
+                            "assembled student")
         seed_all(seed + 17 + 7919 * self.ctx.rank)
         return self._train(EndToEnd(model), self.student_dir(kind, seed) / "finetune", "finetune",
                            self.phase_config("finetune", kind, seed), self.cfg["students"][kind]["finetune"],
-                           seed + 17, resume, save_module=model, title=f"{kind} s{seed} finetune")
+                           seed + 17, resume, save_module=model, title=f"{kind} s{seed} finetune",
+                           redo=self.redo_command("finetune", kind, seed))
 
     def scratch(self, kind: str, seed: int, resume=False):
         model = self.build_student(kind, seed)
         seed_all(seed + 17 + 7919 * self.ctx.rank)
         return self._train(EndToEnd(model), self.student_dir(kind, seed) / "scratch", "scratch",
                            self.phase_config("scratch", kind, seed), self.cfg["students"][kind]["finetune"],
-                           seed + 17, resume, save_module=model, title=f"{kind} s{seed} scratch")
+                           seed + 17, resume, save_module=model, title=f"{kind} s{seed} scratch",
+                           redo=self.redo_command("scratch", kind, seed))
 
     # ------------------------------------------------------------------------------ evaluate
-    def load_trained_student(self, kind: str, seed: int, which: str):
-        model = self.build_student(kind, seed)
+    def _trained_student_files(self, kind: str, seed: int, which: str) -> tuple[Path, Path, str]:
+        """(weights, done record, redo command) of a trained student: "assembled", "finetune" or "scratch"."""
         if which == "assembled":
             path = self.student_dir(kind, seed) / "assembled.safetensors"
-        else:
-            path = self.student_dir(kind, seed) / which / "model.safetensors"
+            return path, path.parent / "assembled.json", self.redo_command("assemble", kind, seed)
+        path = self.student_dir(kind, seed) / which / "model.safetensors"
+        return path, path.parent / "done.json", self.redo_command(which, kind, seed)
+
+    def load_trained_student(self, kind: str, seed: int, which: str):
+        model = self.build_student(kind, seed)
+        path, done_path, redo = self._trained_student_files(kind, seed, which)
         if not path.exists():
             raise CheckpointError(f"no {which} {kind} student at {path}")
-        sd, _ = load_weights(path)
-        load_state_checked(model, sd, f"{which} student {path}")
+        self._load_artifact(model, path, done_path, redo, f"{which} student")
         return model.to(self.ctx.device).eval()
 
     def evaluate(self, kind: str, seed: int, which: str = "finetune", model=None):
@@ -425,6 +494,8 @@ class Pipeline:
                           "weights": (src or {}).get("fingerprint")}) if src else None
         old = _read_json(out_path)
         if model is None and fp and old and old.get("fingerprint") == fp and not self.force:
+            path, done_path, redo = self._trained_student_files(kind, seed, which)
+            verify_file(path, _artifact_record(done_path, path.name), redo)
             log(f"evaluate {kind} s{seed} {which}: done already, skipped", self.ctx)
             return old
         model = model if model is not None else self.load_trained_student(kind, seed, which)
@@ -538,7 +609,7 @@ def _worker(cfg: dict, root: str, force: bool, unit: tuple) -> dict:
     from .dist import pick_device
 
     pipe = Pipeline(cfg, root, ctx=DistContext(device=pick_device(cfg["device"])), progress=False, force=force,
-                    write_config=False)
+                    write_config=False, lock=None)  # the parent holds the run directory's lock
     pipe.announce_data = False
     t = time.time()
     if unit[0] == "meta":

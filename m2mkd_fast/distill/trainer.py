@@ -31,6 +31,7 @@ import torch.nn as nn
 from ..data.transforms import Normalize, TrainTransform
 from .checkpoint import CheckpointError, load_training_checkpoint, rng_state, save_training_checkpoint, save_weights
 from .dist import DistContext
+from .files import atomic_write_text, write_error
 from .loss import DistillationLoss, one_hot_targets
 
 
@@ -160,8 +161,23 @@ class MetricsLog:
         if not self.enabled:
             return
         record.setdefault("time", round(time.time(), 3))
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise write_error(self.path, err) from err
+
+    def cut_back(self, epoch: int, global_step: int):
+        """Drop what a killed run logged after its checkpoint (at ``epoch``, ``global_step``): the
+        resumed run logs those steps again."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for r in read_metrics(self.path):
+            if r.get("global_step", -1) > global_step or (r.get("kind") == "epoch" and r["epoch"] >= epoch):
+                break
+            kept.append(json.dumps(r) + "\n")
+        atomic_write_text(self.path, "".join(kept))
 
 
 def read_metrics(path) -> list[dict]:
@@ -285,6 +301,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
         st = load_training_checkpoint(last_ckpt, model=task, optimizer=opt, config=config, phase=phase,
                                       rank=ctx.rank, world_size=ctx.world_size)
         sched.load_state_dict(st["scheduler"])
+        metrics.cut_back(int(st["progress"]["epoch"]), sched.step_count)
         start_epoch, start_step = int(st["progress"]["epoch"]), int(st["progress"]["step_in_epoch"])
         if start_step >= steps_per_epoch:
             start_epoch, start_step = start_epoch + 1, 0
@@ -368,9 +385,6 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             run_correct += int((s_logits.argmax(-1) == target.argmax(-1)).sum())
             run_n += y.numel()
             done = step + 1
-            if ckpt_every and done % ckpt_every == 0 and done < steps_per_epoch:
-                checkpoint(epoch, done)
-                _die_after(sched.step_count)
             if done % log_every == 0 or done == steps_per_epoch:
                 stats = ctx.all_reduce_sum(torch.tensor([run_loss, run_correct, run_n], dtype=torch.float64))
                 ips = (done - first) * gbs / max(time.time() - t_epoch, 1e-9)
@@ -381,6 +395,9 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{100 * rec['train_acc']:.1f}", img_s=f"{ips:.0f}")
                 run_loss, run_correct, run_n = 0.0, 0, 0
+            if ckpt_every and done % ckpt_every == 0 and done < steps_per_epoch:
+                checkpoint(epoch, done)
+                _die_after(sched.step_count)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -396,8 +413,10 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                   f"({epoch_s:.1f} s)", file=sys.stderr, flush=True)
         checkpoint(epoch + 1, 0)
         _die_after(sched.step_count)
-    seconds = time.time() - t_start
     task.eval()
+    if test_acc is None and epochs > 0:  # resumed from the last epoch's checkpoint: evaluate it again
+        test_acc = evaluate_accuracy(eval_fn, eval_set, norm, max(bs, 256), device, ctx)
+    seconds = time.time() - t_start
     if ctx.is_main:
         save_weights(save_module if save_module is not None else task, final,
                      {"phase": phase, "config": config, "test_acc": test_acc, "epochs": epochs})

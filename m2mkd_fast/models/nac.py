@@ -58,6 +58,7 @@ from .graph_priors import cosine_distance, graph_prior_signatures
 from .nac_tokenizer import NACTokenizer
 from .stages import ModelStage, check_stage_range
 from .vit_stages import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from .weights import check_pretrained
 
 __all__ = ["NACState", "LatentSet", "LatentSeeder", "NACReadIn", "NACPropagator", "NeuralAttentiveCircuit"]
 
@@ -434,6 +435,7 @@ default_cfgs = generate_default_cfgs({
 
 def _create_nac(variant: str, preset: dict, pretrained: bool = False, prior: Optional[tuple] = None,
                 **kwargs) -> NeuralAttentiveCircuit:
+    check_pretrained(variant, pretrained, kwargs)
     args = dict(preset)
     if prior is not None:
         args["graph_prior"], args["graph_kwargs"] = prior

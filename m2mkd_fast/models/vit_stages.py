@@ -37,6 +37,7 @@ from timm.models import (VisionTransformer, build_model_with_cfg, generate_defau
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from .stages import ModelStage, check_stage_range, collect_aux_loss, split_depth
+from .weights import check_pretrained
 
 __all__ = ["StagedVisionTransformer", "as_staged", "VIT_CONFIGS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD"]
 
@@ -233,6 +234,7 @@ def _filter_fn(name: str):
 
 
 def _create_staged(variant: str, base: str, pretrained: bool = False, **kwargs) -> StagedVisionTransformer:
+    check_pretrained(variant, pretrained, kwargs)
     args, default_stages = VIT_CONFIGS[base]
     kwargs = dict(args, **kwargs)
     kwargs.setdefault("num_stages", default_stages if kwargs.get("stage_depths") is None else None)
@@ -243,6 +245,7 @@ def _create_staged(variant: str, base: str, pretrained: bool = False, **kwargs) 
 
 def _create_meta(variant: str, base: str, pretrained: bool = False, **kwargs) -> StagedVisionTransformer:
     """Deep-Incubation meta model: the teacher's width, one block per stage."""
+    check_pretrained(variant, pretrained, kwargs)
     args, default_stages = VIT_CONFIGS[base]
     args = dict(args)
     args.pop("depth")

@@ -40,6 +40,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from ..layers import MoEMLP
 from .vit_stages import StagedVisionTransformer, _timm_cfg, micro_cfg
+from .weights import check_pretrained
 
 __all__ = ["VisionMoE", "VMoEMLP", "moe_block_indices"]
 
@@ -170,6 +171,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_vmoe(variant: str, width: str, moe: dict, pretrained: bool = False, **kwargs) -> VisionMoE:
+    check_pretrained(variant, pretrained, kwargs)
     default_stages = 3 if width == "micro" else 4
     kwargs = {**_WIDTHS[width], **moe, **kwargs}
     if kwargs.get("stage_depths") is None:

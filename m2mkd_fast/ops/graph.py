@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..backend import select_backend
+from ..checks import check_finite
 
 __all__ = ["graph_attention"]
 
@@ -62,8 +63,9 @@ def graph_attention(
         k, v:   [B, H, V, C] sender keys and values.
         sig_r:  [U, S] receiver signatures.
         sig_s:  [V, S] sender signatures.
-        bandwidth: 0-dim tensor β > 0.
-        truncation: τ in (0, 2], or None for no truncation (every edge kept, as in the read-out).
+        bandwidth: 0-dim tensor β, finite and > 0.
+        truncation: τ > 0, or None for no truncation (every edge kept, as in the read-out); τ ≥ 2
+            keeps every edge too (dist ≤ 2) and is taken as None.
         temperature: None, or t > 0 to sample the kernel (training).
         seed:   int in [0, 2**63), required when temperature is set.
         threshold: the 0/−∞ eval mode; exclusive with temperature.
@@ -102,9 +104,9 @@ def graph_attention(
     if batch * receivers * senders >= 2**31:
         raise ValueError(f"graph_attention: B·U·V = {batch * receivers * senders} must be below 2**31 (int32 noise offsets)")
     if truncation is not None:
-        if isinstance(truncation, bool) or not isinstance(truncation, numbers.Real) or not 0 < truncation <= 2:
-            raise ValueError(f"graph_attention: truncation must be a number in (0, 2] or None, got {truncation!r}")
-        truncation = float(truncation)
+        if isinstance(truncation, bool) or not isinstance(truncation, numbers.Real) or not truncation > 0:
+            raise ValueError(f"graph_attention: truncation must be a number > 0 or None, got {truncation!r}")
+        truncation = None if truncation >= 2 else float(truncation)
     if not isinstance(threshold, bool):
         raise TypeError(f"graph_attention: threshold must be a bool, got {threshold!r}")
     if temperature is not None:
@@ -118,8 +120,9 @@ def graph_attention(
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
             raise ValueError(f"graph_attention: seed must be an int in [0, 2**63), got {seed!r}")
         seed = int(seed)
-    if not _tracing() and not bool(bandwidth.detach() > 0):
-        raise ValueError(f"graph_attention: bandwidth must be > 0, got {bandwidth.item()}")
+    if not _tracing() and not bool((bandwidth.detach() > 0) & torch.isfinite(bandwidth.detach())):
+        raise ValueError(f"graph_attention: bandwidth must be finite and > 0, got {bandwidth.item()}")
+    check_finite("graph_attention", q=q, k=k, v=v, sig_r=sig_r, sig_s=sig_s)
     fn = select_backend("graph_attention", q.device, backend)  # also inside torch.compile
     with torch.autocast(q.device.type, enabled=False) if q.device.type in ("cpu", "cuda") else contextlib.nullcontext():
         return fn(q, k, v, sig_r, sig_s, bandwidth, truncation, temperature, seed, threshold)

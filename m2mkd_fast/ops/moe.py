@@ -6,6 +6,7 @@ import torch
 
 from ..routing_result import Routing
 from ..backend import select_backend
+from ..checks import check_finite
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
@@ -94,5 +95,6 @@ def moe_mlp(
         the weights and biases, and r.weight; an expert without tokens gets zero gradients.
     """
     check_moe_mlp_args(x, r, w1, b1, w2, b2, activation)
+    check_finite("moe_mlp", x=x, w1=w1, b1=b1, w2=w2, b2=b2, **{"r.weight": r.weight})
     fn = select_backend("moe_mlp", x.device, backend)
     return fn(x, r, w1, b1, w2, b2, activation)

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from ..backend import select_backend
+from ..checks import check_finite
 
 __all__ = ["readin_attention"]
 
@@ -73,5 +74,6 @@ def readin_attention(
             raise TypeError(f"readin_attention: {name} has dtype {t.dtype} but q has {q.dtype}; all tensors must share one dtype")
         if t.device != q.device:
             raise ValueError(f"readin_attention: {name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
+    check_finite("readin_attention", q=q, x=x, w_k=w_k, w_v=w_v, s_k=s_k, s_v=s_v, b_v=b_v)
     fn = select_backend("readin_attention", q.device, backend)  # also inside torch.compile
     return fn(q, x, w_k, w_v, s_k, s_v, b_v)

@@ -7,12 +7,11 @@ from typing import Optional
 import torch
 
 from ..backend import select_backend
+from ..checks import check_finite
 from ..routing_result import Routing
 
 GATES = ("vmoe", "naive")
 AUX_LOSS_WEIGHT = 0.005
-
-
 
 
 def _check_int(name: str, value, low: int = 1) -> None:
@@ -31,19 +30,6 @@ def _check_logits(logits, name: str = "logits") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {logits.dtype}")
     if logits.shape[1] < 1:
         raise ValueError(f"{name} must have at least one expert (E >= 1), got shape {tuple(logits.shape)}")
-
-
-def _check_finite(logits: torch.Tensor, name: str = "logits") -> None:
-    """Reject NaN / ±inf. CPU: a check (a sync is free there). CUDA: an asynchronous device-side
-    assert (no host sync; a failure surfaces at the next synchronisation). Skipped while
-    torch.compile traces and on other devices."""
-    if torch.compiler.is_compiling() or logits.numel() == 0:
-        return
-    if logits.device.type == "cpu":
-        if not bool(torch.isfinite(logits).all()):
-            raise ValueError(f"{name} contains NaN or infinite values")
-    elif logits.device.type == "cuda":
-        torch._assert_async(torch.isfinite(logits).all(), f"{name} contains NaN or infinite values")
 
 
 def _check_group_size(group_size, num_tokens: int) -> None:
@@ -104,7 +90,7 @@ def route(
         differentiable with respect to ``logits``.
     """
     check_route_args(logits, k, gate, capacity_factor, batch_priority, group_size)
-    _check_finite(logits)
+    check_finite("route", logits=logits)
     fn = select_backend("route", logits.device, backend)
     return fn(logits, k, gate, capacity_factor, batch_priority, group_size)
 

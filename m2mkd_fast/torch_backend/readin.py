@@ -35,6 +35,8 @@ def readin_attention(
     rows = q_folded.reshape(batch, 1, receivers * heads, in_dim)
     tokens = x[:, None]  # [B,1,V,Din]: keys = values = x
     mixed = F.scaled_dot_product_attention(rows, tokens, tokens, scale=1.0 / math.sqrt(head_dim))
+    # PyTorch's CPU SDPA returns zeros for a query row holding NaN / Inf; the oracle gives NaN
+    mixed = torch.where(torch.isfinite(rows).all(-1, keepdim=True), mixed, float("nan"))
     mixed = mixed.view(batch, receivers, heads, in_dim) * s_v[:, None, :]  # [B,U,H,Din]
     m = torch.bmm(mixed.permute(2, 0, 1, 3).reshape(heads, batch * receivers, in_dim), w_v.transpose(1, 2))
     m = m.view(heads, batch, receivers, head_dim).permute(1, 2, 0, 3)  # [B,U,H,C]
