@@ -53,7 +53,7 @@ def test_binary_config_file_is_one_line_and_status_2(tmp_path, capsys):
     binary = tmp_path / "weights.yaml"
     binary.write_bytes(bytes(range(128, 256)))
     assert main(["show-config", "--config", str(binary)]) == 2
-    assert "utf-8" in _one_error_line(capsys)
+    assert "utf-8" in _one_error_line(capsys).lower()
 
 
 def test_bad_option_value_is_one_line_and_status_2(tmp_path, capsys):
