@@ -3,7 +3,8 @@
 Subpackages load on first use, so `import m2mkd_fast` stays cheap:
 ``mk.ops`` (validated, autograd-enabled functional ops), ``mk.reference`` (plain-PyTorch
 oracles), ``mk.layers`` (drop-in nn.Modules), ``mk.models`` (timm-registered models),
-``mk.distill`` (the m2mKD trainer) and ``mk.data`` (offline datasets).
+``mk.distill`` (the m2mKD trainer), ``mk.data`` (offline datasets) and ``mk.parallel``
+(expert parallelism on torch.distributed).
 With ``M2MKD_CPP_JIT=1`` the C++ extension is built just in time from csrc/ (``cpp_jit``).
 """
 
@@ -13,9 +14,9 @@ import os
 from .backend import available_backends, use_backend
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "available_backends", "use_backend", "ops", "reference", "layers", "models", "distill", "data"]
+__all__ = ["__version__", "available_backends", "use_backend", "ops", "reference", "layers", "models", "distill", "data", "parallel"]
 
-_SUBPACKAGES = {"ops", "reference", "layers", "models", "distill", "data"}
+_SUBPACKAGES = {"ops", "reference", "layers", "models", "distill", "data", "parallel"}
 
 
 def __getattr__(name):
