@@ -63,6 +63,12 @@ def _resume(p):
                         "(refused if the config changed)")
 
 
+def _expert_parallel(p):
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: shard the V-MoE student's experts over the processes (all-to-all token "
+                        "exchange); other parameters stay data parallel (DDP)")
+
+
 def _student(p, seed=True):
     p.add_argument("--student", required=True, choices=["nac", "vmoe"], help="which student")
     if seed:
@@ -99,12 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs-in-parallel", action="store_true",
                    help="under torchrun: each process trains its own share of the pairs alone (no DDP); "
                         "without it every pair is trained by all processes together with DDP")
+    _expert_parallel(p)
     for name in ("assemble", "finetune", "scratch"):
         p = sub.add_parser(name, help=PHASE_HELP[name], description=PHASE_HELP[name])
         _common(p)
         _student(p)
         if name != "assemble":
             _resume(p)
+            _expert_parallel(p)
     p = sub.add_parser("evaluate", help=PHASE_HELP["evaluate"], description=PHASE_HELP["evaluate"])
     _common(p)
     _student(p)
@@ -188,7 +196,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or f"runs/{args.config if '/' not in args.config else 'custom'}"
     try:
-        pipe = Pipeline(cfg, run_dir, progress=not args.no_progress, force=args.force)
+        pipe = Pipeline(cfg, run_dir, progress=not args.no_progress, force=args.force,
+                        expert_parallel=getattr(args, "expert_parallel", False))
     except RuntimeError as err:
         print(f"m2mkd-fast: {err}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ its slice) and :func:`full_state_dict` gathers one from it.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -66,7 +67,8 @@ def _local_routing(counts: torch.Tensor, dtype: torch.dtype) -> Routing:
 
 
 class ExpertParallelMoEMLP(MoEMLP):
-    """A :class:`MoEMLP` holding experts [offset, offset + E_local) of E; made by :func:`expert_parallel`.
+    """A :class:`MoEMLP` holding experts [offset, offset + E_local) of E; made by :func:`expert_parallel`
+    (a layer of a MoEMLP subclass C becomes an ``ExpertParallelC``, a subclass of both).
 
     ``w1`` [E_local, dim, h], ``b1`` [E_local, h], ``w2`` [E_local, h, dim], ``b2`` [E_local, dim].
     ``load_state_dict`` accepts the full [E, ...] tensors (keeps its slice) or the shard.
@@ -99,16 +101,22 @@ class ExpertParallelMoEMLP(MoEMLP):
         return y.to(back.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        lo, hi = self.expert_offset, self.expert_offset + self.num_local_experts
         for name in EXPERT_PARAMS:
-            value = state_dict.get(prefix + name)
-            if value is not None and value.dim() and value.shape[0] == self.num_experts != self.num_local_experts:
-                state_dict[prefix + name] = value[lo:hi]
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = local_experts(state_dict[prefix + name], self)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         lo, hi = self.expert_offset, self.expert_offset + self.num_local_experts
         return f"{super().extra_repr()}, local_experts=[{lo}, {hi})"
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_class(cls: type) -> type:
+    """The expert-parallel version of a MoEMLP class (subclasses keep their own forward)."""
+    if cls is MoEMLP:
+        return ExpertParallelMoEMLP
+    return type(f"ExpertParallel{cls.__name__}", (ExpertParallelMoEMLP, cls), {"__module__": cls.__module__})
 
 
 def _moe_layers(module: nn.Module) -> list:
@@ -148,18 +156,40 @@ def expert_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None
                 param = getattr(layer, pname)
                 if param is not None:
                     setattr(layer, pname, nn.Parameter(param[lo:lo + num_local].clone(), requires_grad=param.requires_grad))
-        layer.__class__ = ExpertParallelMoEMLP
+        layer.__class__ = _sharded_class(type(layer))
         layer.group, layer.expert_offset, layer.num_local_experts = group, lo, num_local
     return module
 
 
-def expert_parameter_names(module: nn.Module) -> list:
-    """Qualified names of the sharded expert parameters in ``module`` (to leave out of DDP)."""
-    names = []
+def expert_parameters(module: nn.Module) -> list:
+    """(qualified name, parameter, layer) of every sharded expert parameter in ``module``."""
+    out = []
     for name, layer in _moe_layers(module):
         if isinstance(layer, ExpertParallelMoEMLP):
-            names += [f"{name}.{p}" if name else p for p in EXPERT_PARAMS if getattr(layer, p) is not None]
-    return names
+            for pname in EXPERT_PARAMS:
+                param = getattr(layer, pname)
+                if param is not None:
+                    out.append((f"{name}.{pname}" if name else pname, param, layer))
+    return out
+
+
+def expert_parameter_names(module: nn.Module) -> list:
+    """Qualified names of the sharded expert parameters in ``module`` (to leave out of DDP)."""
+    return [name for name, _, _ in expert_parameters(module)]
+
+
+def gather_experts(shard: torch.Tensor, layer: ExpertParallelMoEMLP) -> torch.Tensor:
+    """[E_local, ...] tensors of every rank of ``layer``'s group → [E, ...] (a collective)."""
+    parts = [torch.empty_like(shard) for _ in range(layer.num_experts // layer.num_local_experts)]
+    dist.all_gather(parts, shard.contiguous(), group=layer.group)
+    return torch.cat(parts)
+
+
+def local_experts(full: torch.Tensor, layer: ExpertParallelMoEMLP) -> torch.Tensor:
+    """This rank's slice [E_local, ...] of a full [E, ...] tensor (a shard is returned as it is)."""
+    if full.dim() and full.shape[0] == layer.num_experts != layer.num_local_experts:
+        return full[layer.expert_offset:layer.expert_offset + layer.num_local_experts]
+    return full
 
 
 def full_state_dict(module: nn.Module) -> dict:
@@ -168,16 +198,6 @@ def full_state_dict(module: nn.Module) -> dict:
     A collective: every rank of each layer's group must call it. Returns the same dict on every rank.
     """
     state = module.state_dict()
-    for name, layer in _moe_layers(module):
-        if not isinstance(layer, ExpertParallelMoEMLP):
-            continue
-        W = layer.num_experts // layer.num_local_experts
-        for pname in EXPERT_PARAMS:
-            key = f"{name}.{pname}" if name else pname
-            if key not in state:
-                continue
-            shard = state[key].contiguous()
-            parts = [torch.empty_like(shard) for _ in range(W)]
-            dist.all_gather(parts, shard, group=layer.group)
-            state[key] = torch.cat(parts)
+    for name, param, layer in expert_parameters(module):
+        state[name] = gather_experts(state[name], layer)
     return state

@@ -2,6 +2,10 @@
 unsharded layer's on the same tokens; expert weight gradients sum every rank's tokens."""
 
 import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ import torch.nn as nn
 
 import m2mkd_fast as mk
 from m2mkd_fast.layers.moe import MoEMLP
+from m2mkd_fast.models.vmoe import VMoEMLP
 from m2mkd_fast.parallel import expert_parallel, expert_parameter_names, full_state_dict
 
 CONFIGS = [
@@ -21,6 +26,7 @@ CONFIGS = [
 ]
 DIM, HIDDEN, EXPERTS, TOKENS = 8, 12, 4, 24
 CLOSE = dict(rtol=1e-5, atol=1e-6)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(fn, world, tmp_path, *args):
@@ -111,6 +117,10 @@ def _check_state_dict_and_errors(rank, world, init_method):
     sharded.load_state_dict(sharded.state_dict())  # a shard loads too
     with pytest.raises(ValueError, match="already expert-parallel"):
         expert_parallel(sharded)
+    vmoe_layer = expert_parallel(VMoEMLP(DIM, HIDDEN, EXPERTS, group_images=2))  # a subclass keeps its forward
+    assert isinstance(vmoe_layer, VMoEMLP) and vmoe_layer.w1.shape[0] == n
+    vmoe_layer(torch.randn(4, 3, DIM))
+    assert vmoe_layer.group_size == 6 and vmoe_layer.last_aux_loss is vmoe_layer.aux_loss
     with pytest.raises(ValueError, match="num_experts=6 .* not divisible by the group size 4"):
         expert_parallel(_Block(6))
     with pytest.raises(ValueError, match="contains no MoEMLP"):
@@ -128,3 +138,44 @@ def test_needs_a_process_group():
         expert_parallel(MoEMLP(DIM, HIDDEN, EXPERTS))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         expert_parallel("model")
+
+
+EP_SET = ["students.vmoe.finetune.train_limit=128", "students.vmoe.finetune.batch_size=32",
+          "students.vmoe.finetune.grad_clip=1.0", "data.test_limit=64", "augment.flip=false", "log.keep_last=true",
+          # no randomness that differs between ranks: router noise and drop-path off
+          "students.vmoe.kwargs={num_stages: 4, noise_std: 0, drop_path_rate: 0}"]
+
+
+@pytest.mark.slow
+def test_training_two_processes_match_one(tmp_path):
+    """scratch (V-MoE micro, 4 steps) under torchrun with --expert-parallel = one process."""
+    from m2mkd_fast.cli import main
+    from m2mkd_fast.distill.checkpoint import load_file_checked, load_weights
+
+    args = ["scratch", "--config", "quick", "--student", "vmoe", "--no-progress"] + [x for s in EP_SET for x in ("--set", s)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "m2mkd_fast"]
+                       + args + ["--run-dir", str(tmp_path / "ep"), "--expert-parallel"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    threads = torch.get_num_threads()
+    try:
+        assert main(args + ["--run-dir", str(tmp_path / "single"), "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run = "seed0/vmoe/scratch"
+    a, _ = load_weights(tmp_path / "ep" / run / "model.safetensors")
+    b, _ = load_weights(tmp_path / "single" / run / "model.safetensors")
+    assert a.keys() == b.keys() and a["blocks.1.mlp.w1"].shape[0] == 8  # full experts saved
+    for key in a:
+        x, y = a[key], b[key]
+        if key.endswith("qkv.bias"):  # the key bias has a zero gradient: Adam steps on rounding noise
+            d = x.numel() // 3
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        close = (x - y).abs() <= 1e-5 + 1e-4 * y.abs()
+        # Adam turns an element's near-zero gradient into a ±lr step, so a rare element may differ
+        assert close.float().mean() >= 0.995 and (x - y).abs().max() < 1e-3, key
+    ckpt, _ = load_file_checked(tmp_path / "ep" / run / "last.safetensors")  # independent of W: full tensors
+    moments = [tuple(v.shape) for k, v in ckpt.items() if k.startswith("optim.") and k.endswith("exp_avg")]
+    assert ckpt["model.model.blocks.1.mlp.w2"].shape[0] == 8
+    assert moments.count((8, 96, 384)) == 3 and (4, 96, 384) not in moments  # w1 of the 3 MoE layers, all 8 experts

@@ -72,8 +72,9 @@ class Pipeline:
     """All phases over one run directory and one resolved config."""
 
     def __init__(self, cfg: dict, root, ctx: DistContext | None = None, progress: bool = True,
-                 force: bool = False, write_config: bool = True):
+                 force: bool = False, write_config: bool = True, expert_parallel: bool = False):
         self.cfg = cfg
+        self.expert_parallel = expert_parallel  # shard the MoE experts over the torchrun processes
         self.root = Path(root)
         self.ctx = ctx or init_distributed(cfg["device"])
         self.progress = progress
@@ -158,7 +159,7 @@ class Pipeline:
                         phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=do_resume,
                         save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
                         title=title, eval_limit=self.cfg["log"]["eval_limit"],
-                        num_workers=self.cfg["data"]["num_workers"])
+                        num_workers=self.cfg["data"]["num_workers"], expert_parallel=self.expert_parallel)
         except CheckpointError as err:
             if resume != "auto":
                 raise
@@ -167,7 +168,7 @@ class Pipeline:
                         phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=False,
                         save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
                         title=title, eval_limit=self.cfg["log"]["eval_limit"],
-                        num_workers=self.cfg["data"]["num_workers"])
+                        num_workers=self.cfg["data"]["num_workers"], expert_parallel=self.expert_parallel)
         out = {"fingerprint": fingerprint(pcfg), "test_acc": res.final_test_acc, "seconds": res.seconds,
                "cpu_seconds": res.cpu_seconds,
                "img_per_s": res.images_per_s, "steps": res.steps, "phase": phase}
