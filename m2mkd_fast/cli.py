@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmark every op family (every available backend beside the seed's formulation "
                                    "and the peers of DESIGN §3), sweeps, and one m2mKD pair training step; writes "
                                    "REPORT.md, bench.json and PNG plots into --out.")
-    p.add_argument("what", nargs="?", default="all", choices=["ops", "step", "all"], help="what to run (default: all)")
+    p.add_argument("what", nargs="?", default="all", choices=["ops", "step", "all", "ep"],
+                   help="what to run (default: all); ep: one MoE layer with and without expert parallelism on "
+                        "2 CPU processes (not part of all)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings (a smoke test)")
     p.add_argument("--out", default="bench-results", metavar="DIR", help="output directory (default: bench-results)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
@@ -246,6 +248,11 @@ def _bench(args) -> int:
 
     if args.compare:
         print(report.compare(*args.compare))
+        return 0
+    if args.what == "ep":
+        from .bench import expert_parallel
+
+        print(expert_parallel.run(quick=args.quick, out=args.out), end="")
         return 0
     suite.run(args.what, quick=args.quick, out=args.out, device=args.device)
     print(f"m2mkd-fast bench: wrote {args.out}/REPORT.md, {args.out}/bench.json and the sweep plots")
