@@ -198,6 +198,6 @@ def full_state_dict(module: nn.Module) -> dict:
     A collective: every rank of each layer's group must call it. Returns the same dict on every rank.
     """
     state = module.state_dict()
-    for name, param, layer in expert_parameters(module):
+    for name, _, layer in expert_parameters(module):
         state[name] = gather_experts(state[name], layer)
     return state

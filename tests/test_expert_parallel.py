@@ -141,32 +141,20 @@ def test_needs_a_process_group():
 
 
 EP_SET = ["students.vmoe.finetune.train_limit=128", "students.vmoe.finetune.batch_size=32",
-          "students.vmoe.finetune.grad_clip=1.0", "data.test_limit=64", "augment.flip=false", "log.keep_last=true",
+          "students.vmoe.finetune.grad_clip=1.0", "students.vmoe.finetune.ckpt_every=2", "data.test_limit=64", "augment.flip=false", "log.keep_last=true",
           # no randomness that differs between ranks: router noise and drop-path off
           "students.vmoe.kwargs={num_stages: 4, noise_std: 0, drop_path_rate: 0}"]
 
 
-@pytest.mark.slow
-def test_training_two_processes_match_one(tmp_path):
-    """scratch (V-MoE micro, 4 steps) under torchrun with --expert-parallel = one process."""
-    from m2mkd_fast.cli import main
-    from m2mkd_fast.distill.checkpoint import load_file_checked, load_weights
+def _torchrun_ep(args, run_dir, **env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "m2mkd_fast"]
+                          + args + ["--run-dir", str(run_dir), "--expert-parallel"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
-    args = ["scratch", "--config", "quick", "--student", "vmoe", "--no-progress"] + [x for s in EP_SET for x in ("--set", s)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "m2mkd_fast"]
-                       + args + ["--run-dir", str(tmp_path / "ep"), "--expert-parallel"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    threads = torch.get_num_threads()
-    try:
-        assert main(args + ["--run-dir", str(tmp_path / "single"), "--threads", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    run = "seed0/vmoe/scratch"
-    a, _ = load_weights(tmp_path / "ep" / run / "model.safetensors")
-    b, _ = load_weights(tmp_path / "single" / run / "model.safetensors")
-    assert a.keys() == b.keys() and a["blocks.1.mlp.w1"].shape[0] == 8  # full experts saved
+
+def _assert_same_training(a: dict, b: dict):
+    assert a.keys() == b.keys()
     for key in a:
         x, y = a[key], b[key]
         if key.endswith("qkv.bias"):  # the key bias has a zero gradient: Adam steps on rounding noise
@@ -175,6 +163,32 @@ def test_training_two_processes_match_one(tmp_path):
         close = (x - y).abs() <= 1e-5 + 1e-4 * y.abs()
         # Adam turns an element's near-zero gradient into a ±lr step, so a rare element may differ
         assert close.float().mean() >= 0.995 and (x - y).abs().max() < 1e-3, key
+
+
+@pytest.mark.slow
+def test_training_two_processes_match_one(tmp_path):
+    """scratch (V-MoE micro, 4 steps) under torchrun with --expert-parallel = one process; a
+    checkpoint of the 2-process run resumes in one process (checkpoints do not depend on W)."""
+    from m2mkd_fast.cli import main
+    from m2mkd_fast.distill.checkpoint import load_file_checked, load_weights
+
+    args = ["scratch", "--config", "quick", "--student", "vmoe", "--no-progress"] + [x for s in EP_SET for x in ("--set", s)]
+    r = _torchrun_ep(args, tmp_path / "ep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun_ep(args, tmp_path / "killed", M2MKD_DIE_AFTER_STEP="2")  # checkpoints after step 2, dies
+    assert r.returncode != 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(args + ["--run-dir", str(tmp_path / "single"), "--threads", "1"]) == 0
+        assert main(args + ["--run-dir", str(tmp_path / "killed"), "--threads", "1", "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run = "seed0/vmoe/scratch"
+    single, _ = load_weights(tmp_path / "single" / run / "model.safetensors")
+    for name in ("ep", "killed"):
+        weights, _ = load_weights(tmp_path / name / run / "model.safetensors")
+        assert weights["blocks.1.mlp.w1"].shape[0] == 8  # full experts saved
+        _assert_same_training(weights, single)
     ckpt, _ = load_file_checked(tmp_path / "ep" / run / "last.safetensors")  # independent of W: full tensors
     moments = [tuple(v.shape) for k, v in ckpt.items() if k.startswith("optim.") and k.endswith("exp_avg")]
     assert ckpt["model.model.blocks.1.mlp.w2"].shape[0] == 8
