@@ -132,6 +132,17 @@ def test_state_dict_round_trip_and_bad_groups(tmp_path):
     _run(_check_state_dict_and_errors, 2, tmp_path)
 
 
+def test_one_process_changes_nothing(tmp_path):
+    """W == 1: the layer stays a plain MoEMLP (no collective calls, unchanged speed)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        layer = MoEMLP(DIM, HIDDEN, EXPERTS)
+        assert expert_parallel(layer) is layer and type(layer) is MoEMLP and layer.w1.shape[0] == EXPERTS
+        assert expert_parameter_names(layer) == []
+    finally:
+        dist.destroy_process_group()
+
+
 def test_needs_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
