@@ -63,6 +63,12 @@ def _resume(p):
                         "(refused if the config changed)")
 
 
+def _expert_parallel(p):
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: shard the V-MoE student's experts over the processes (all-to-all token "
+                        "exchange); other parameters stay data parallel (DDP)")
+
+
 def _student(p, seed=True):
     p.add_argument("--student", required=True, choices=["nac", "vmoe"], help="which student")
     if seed:
@@ -100,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs-in-parallel", action="store_true",
                    help="under torchrun: each process trains its own share of the pairs alone (no DDP); "
                         "without it every pair is trained by all processes together with DDP")
+    _expert_parallel(p)
     for name in ("assemble", "finetune", "scratch"):
         p = sub.add_parser(name, help=PHASE_HELP[name], description=PHASE_HELP[name])
         _common(p)
         _student(p)
         if name != "assemble":
             _resume(p)
+            _expert_parallel(p)
     p = sub.add_parser("evaluate", help=PHASE_HELP["evaluate"], description=PHASE_HELP["evaluate"])
     _common(p)
     _student(p)
@@ -130,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmark every op family (every available backend beside the seed's formulation "
                                    "and the peers of DESIGN §3), sweeps, and one m2mKD pair training step; writes "
                                    "REPORT.md, bench.json and PNG plots into --out.")
-    p.add_argument("what", nargs="?", default="all", choices=["ops", "step", "all"], help="what to run (default: all)")
+    p.add_argument("what", nargs="?", default="all", choices=["ops", "step", "all", "ep"],
+                   help="what to run (default: all); ep: one MoE layer with and without expert parallelism on "
+                        "2 CPU processes (not part of all)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings (a smoke test)")
     p.add_argument("--out", default="bench-results", metavar="DIR", help="output directory (default: bench-results)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
@@ -217,7 +227,8 @@ def _run(args, argv) -> int:
     run_dir = args.run_dir or f"runs/{args.config if '/' not in args.config else 'custom'}"
     try:
         pipe = Pipeline(cfg, run_dir, progress=not args.no_progress, force=args.force,
-                        lock="shared" if args.phase == "distill" and args.module != "all" else "exclusive")
+                        lock="shared" if args.phase == "distill" and args.module != "all" else "exclusive",
+                        expert_parallel=getattr(args, "expert_parallel", False))
     except RuntimeError as err:  # the device asked for is absent, or the run directory is busy
         raise ValueError(str(err)) from err
     try:
@@ -266,6 +277,11 @@ def _bench(args) -> int:
 
     if args.compare:
         print(report.compare(*args.compare))
+        return 0
+    if args.what == "ep":
+        from .bench import expert_parallel
+
+        print(expert_parallel.run(quick=args.quick, out=args.out), end="")
         return 0
     suite.run(args.what, quick=args.quick, out=args.out, device=args.device)
     print(f"m2mkd-fast bench: wrote {args.out}/REPORT.md, {args.out}/bench.json and the sweep plots")

@@ -86,10 +86,12 @@ class Pipeline:
     RunDirBusy when another process holds the lock."""
 
     def __init__(self, cfg: dict, root, ctx: DistContext | None = None, progress: bool = True,
-                 force: bool = False, write_config: bool = True, lock: str | None = "exclusive"):
+                 force: bool = False, write_config: bool = True, lock: str | None = "exclusive",
+                 expert_parallel: bool = False):
         if lock not in ("exclusive", "shared", None):
             raise ValueError(f"lock must be 'exclusive', 'shared' or None, got {lock!r}")
         self.cfg = cfg
+        self.expert_parallel = expert_parallel  # shard the MoE experts over the torchrun processes
         self.root = Path(root)
         self.ctx = ctx or init_distributed(cfg["device"])
         self.progress = progress
@@ -208,7 +210,7 @@ class Pipeline:
                          phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=resume_now,
                          save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
                          title=title, eval_limit=self.cfg["log"]["eval_limit"],
-                         num_workers=self.cfg["data"]["num_workers"])
+                         num_workers=self.cfg["data"]["num_workers"], expert_parallel=self.expert_parallel)
 
         lock = lock_run_dir(run_dir) if self.ctx.is_main else None
         try:

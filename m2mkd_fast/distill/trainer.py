@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..data.transforms import Normalize, TrainTransform
@@ -222,6 +223,88 @@ def plot_curves(metrics_path, png_path, title: str):
     plt.close(fig)
 
 
+class ExpertShards:
+    """Expert parallelism in the trainer (docs/design.md §4): every MoEMLP of the task keeps its
+    rank's share of the experts, over a process group of its own (DDP keeps WORLD).
+
+    Expert gradients arrive summed over the ranks' tokens; :meth:`average_grads` divides them by
+    W, so that one step equals a single process's step on the global batch, as DDP's averaged
+    replicated gradients do. Checkpoints see full state dicts (gathered on save, sliced on load).
+    """
+
+    def __init__(self, task: nn.Module):
+        from ..parallel import expert_parallel, expert_parameters
+
+        self.group = dist.new_group()
+        self.world_size = dist.get_world_size(self.group)
+        expert_parallel(task, self.group)
+        self.task, self.experts = task, expert_parameters(task)
+
+    @staticmethod
+    def applies(task: nn.Module, ctx: DistContext) -> bool:
+        from ..layers.moe import MoEMLP
+
+        return ctx.distributed and any(isinstance(m, MoEMLP) for m in task.modules())
+
+    def ignore_in_ddp(self):
+        names = [name for name, _, _ in self.experts]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.task, names)
+
+    def average_grads(self):
+        for _, p, _ in self.experts:
+            if p.grad is not None:
+                p.grad.div_(self.world_size)
+
+    def clip_grad_norm(self, params: list, max_norm: float):
+        """clip_grad_norm_ over the whole model: replicated gradients once, expert shards summed over ranks."""
+        ids = {id(p) for _, p, _ in self.experts}
+        with_grad = [p for p in params if p.grad is not None]
+        zero = torch.zeros((), dtype=torch.float64, device=params[0].device)
+
+        def squares(expert: bool) -> torch.Tensor:
+            return sum((p.grad.double().square().sum() for p in with_grad if (id(p) in ids) == expert), zero)
+
+        expert_sq = squares(True)
+        dist.all_reduce(expert_sq, group=self.group)
+        total = (squares(False) + expert_sq).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in with_grad:
+            p.grad.mul_(coef.to(p.grad.dtype))
+
+    def model_view(self):
+        from ..parallel import full_state_dict
+
+        return _StateView(lambda: full_state_dict(self.task), self.task.load_state_dict)
+
+    def optimizer_view(self, opt: torch.optim.Optimizer):
+        from ..parallel import gather_experts, local_experts
+
+        index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+        owners = {index[id(p)]: (p, layer) for _, p, layer in self.experts if id(p) in index}
+
+        def convert(sd, fn):
+            state = dict(sd["state"])
+            for pid, (p, layer) in owners.items():
+                if pid in state:
+                    state[pid] = {k: fn(v, layer) if torch.is_tensor(v) and v.dim() else v for k, v in state[pid].items()}
+            return {**sd, "state": state}
+
+        return _StateView(lambda: convert(opt.state_dict(), gather_experts),
+                          lambda sd: opt.load_state_dict(convert(sd, local_experts)))
+
+    def snapshot(self, opt: torch.optim.Optimizer):
+        """Full model and optimizer state dicts (a collective), as a checkpoint reads them."""
+        model_sd, opt_sd = self.model_view().state_dict(), self.optimizer_view(opt).state_dict()
+        return _StateView(lambda: model_sd, None), _StateView(lambda: opt_sd, None)
+
+
+class _StateView:
+    """What a checkpoint sees of a module or optimizer: ``state_dict()`` and ``load_state_dict()``."""
+
+    def __init__(self, get, put):
+        self.state_dict, self.load_state_dict = get, put
+
+
 def _die_after(step: int):
     """Test hook: M2MKD_DIE_AFTER_STEP=n kills this process (SIGKILL, no cleanup) right after
     the n-th optimizer step's checkpoint, to prove resumption."""
@@ -233,7 +316,8 @@ def _die_after(step: int):
 def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, run_dir, phase: str,
           config: dict, seed: int, ctx: DistContext, resume: bool = False, eval_fn=None,
           save_module: nn.Module | None = None, progress: bool = True, log_every: int = 20,
-          title: str = "", eval_limit: int = 0, num_workers: int = 0) -> TrainResult:
+          title: str = "", eval_limit: int = 0, num_workers: int = 0,
+          expert_parallel: bool = False) -> TrainResult:
     """Train ``task`` on ``data.train``; return when ``tcfg['epochs']`` are done.
 
     Args:
@@ -254,6 +338,8 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
         save_module: what model.safetensors holds at the end (default: the task).
         eval_limit: the per-epoch test accuracy uses the first ``eval_limit`` test images (0 = all).
         num_workers: DataLoader worker processes for datasets read from disk (ImageFolder).
+        expert_parallel: under torchrun, shard the experts of the task's MoEMLPs over the
+            processes (:class:`ExpertShards`); every process then evaluates the whole test set.
     """
     run_dir = Path(run_dir)
     device = ctx.device
@@ -279,14 +365,17 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
     total = steps_per_epoch * epochs
     warmup = int(round(float(tcfg["warmup_epochs"]) * steps_per_epoch))
 
+    task.to(device)
+    shards = ExpertShards(task) if expert_parallel and ExpertShards.applies(task, ctx) else None
     trainable = [p for p in task.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"phase {phase}: nothing to train (no parameter requires grad)")
-    task.to(device)
     opt = torch.optim.AdamW(param_groups(task, float(tcfg["weight_decay"])), lr=float(tcfg["lr"]),
                             betas=(0.9, 0.999), foreach=device.type == "cuda")
     sched = CosineSchedule(float(tcfg["lr"]), float(tcfg["min_lr"]), warmup, total)
     model = task
+    if shards is not None:
+        shards.ignore_in_ddp()
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(
             task, device_ids=[device.index] if device.type == "cuda" else None,
@@ -298,8 +387,9 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             if final.exists():
                 raise CheckpointError(f"{run_dir} already holds a finished run (model.safetensors); nothing to resume")
             raise CheckpointError(f"--resume: no checkpoint at {last_ckpt}")
-        st = load_training_checkpoint(last_ckpt, model=task, optimizer=opt, config=config, phase=phase,
-                                      rank=ctx.rank, world_size=ctx.world_size)
+        st = load_training_checkpoint(last_ckpt, model=task if shards is None else shards.model_view(),
+                                      optimizer=opt if shards is None else shards.optimizer_view(opt),
+                                      config=config, phase=phase, rank=ctx.rank, world_size=ctx.world_size)
         sched.load_state_dict(st["scheduler"])
         metrics.cut_back(int(st["progress"]["epoch"]), sched.step_count)
         start_epoch, start_step = int(st["progress"]["epoch"]), int(st["progress"]["step_in_epoch"])
@@ -336,11 +426,14 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             full_test = data.test
             eval_set.batch = lambda index: full_test.batch(index)  # the first eval_limit, in order
 
+    eval_ctx = ctx if shards is None else DistContext(device=device)  # every rank runs the same batches
+
     def checkpoint(epoch, step_in_epoch):
         states = ctx.all_gather_object(rng_state())
+        model_state, opt_state = (task, opt) if shards is None else shards.snapshot(opt)
         if ctx.is_main:
             save_training_checkpoint(
-                last_ckpt, model=task, optimizer=opt, scheduler_state=sched.state_dict(),
+                last_ckpt, model=model_state, optimizer=opt_state, scheduler_state=sched.state_dict(),
                 progress={"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": sched.step_count,
                           "steps_per_epoch": steps_per_epoch, "epochs": epochs},
                 config=config, phase=phase, rng_by_rank=states)
@@ -376,7 +469,11 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                 raise FloatingPointError(f"{phase}: loss became {loss.item()} at epoch {epoch}, step {step} (lower the lr?)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if grad_clip > 0:
+            if shards is not None:
+                shards.average_grads()
+            if grad_clip > 0 and shards is not None:
+                shards.clip_grad_norm(trainable, grad_clip)
+            elif grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
             opt.step()
             sched.step_count += 1
@@ -404,7 +501,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             bar.close()
         train_seconds += time.time() - t_epoch
         task.eval()
-        test_acc = evaluate_accuracy(eval_fn, eval_set, norm, max(bs, 256), device, ctx)
+        test_acc = evaluate_accuracy(eval_fn, eval_set, norm, max(bs, 256), device, eval_ctx)
         epoch_s = time.time() - t_epoch
         metrics.write(kind="epoch", epoch=epoch, test_acc=test_acc, seconds=epoch_s,
                       img_per_s=(steps_per_epoch - first) * gbs / max(epoch_s, 1e-9))
@@ -415,10 +512,15 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
         _die_after(sched.step_count)
     task.eval()
     if test_acc is None and epochs > 0:  # resumed from the last epoch's checkpoint: evaluate it again
-        test_acc = evaluate_accuracy(eval_fn, eval_set, norm, max(bs, 256), device, ctx)
+        test_acc = evaluate_accuracy(eval_fn, eval_set, norm, max(bs, 256), device, eval_ctx)
     seconds = time.time() - t_start
+    final_state = save_module if save_module is not None else task
+    if shards is not None:
+        from ..parallel import full_state_dict
+
+        final_state = full_state_dict(final_state)
     if ctx.is_main:
-        save_weights(save_module if save_module is not None else task, final,
+        save_weights(final_state, final,
                      {"phase": phase, "config": config, "test_acc": test_acc, "epochs": epochs})
         try:
             plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title or phase)

@@ -118,7 +118,7 @@ class MoEMLP(nn.Module):
         if self.training and self.noise_std > 0:
             noisy = clean + (self.noise_std / self.num_experts) * torch.randn_like(clean)
         r = route(noisy, self.k, self.gate, self.capacity_factor, self.batch_priority, self.group_size, backend=self.backend)
-        y = moe_mlp(tokens, r, self.w1, self.b1, self.w2, self.b2, self.activation, backend=self.backend)
+        y = self.run_experts(tokens, r)
         if self.gate == "vmoe":
             self.aux_loss = vmoe_aux_loss(clean, noisy, self.k, self.noise_std, self.group_size, self.training)
         else:
@@ -127,6 +127,10 @@ class MoEMLP(nn.Module):
             dropped = torch.zeros_like(r.counts).scatter_add_(0, r.expert.reshape(-1), (r.slot < 0).reshape(-1).long())
         self.stats = {"load": r.counts.detach(), "dropped": dropped}
         return y.reshape(shape)
+
+    def run_experts(self, x: torch.Tensor, r) -> torch.Tensor:
+        """y [T, dim] of the experts for tokens x [T, dim] routed by r (expert parallelism overrides it)."""
+        return moe_mlp(x, r, self.w1, self.b1, self.w2, self.b2, self.activation, backend=self.backend)
 
     def extra_repr(self) -> str:
         parts = [
