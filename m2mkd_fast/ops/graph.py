@@ -1,6 +1,5 @@
 """NAC kernel-modulated graph attention, validated and dispatched (DESIGN §2.4)."""
 
-import contextlib
 import math
 import numbers
 from typing import Optional
@@ -8,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..backend import select_backend
+from .precision import autocast_dtype, autocast_off, cast_operands
 
 __all__ = ["graph_attention"]
 
@@ -71,9 +71,9 @@ def graph_attention(
 
     q, k, v share one dtype; sig_r, sig_s and bandwidth may have their own (fp32 parameters beside
     bf16 activations): the kernel bias is computed from them in at least fp32, so bf16 rounding
-    never moves an edge across the truncation radius. Autocast does not apply inside the op: it
-    computes in the dtypes it is given, on every backend. All tensors on one device;
-    B·U·V < 2**31. Returns o [B, H, U, C] in q's dtype.
+    never moves an edge across the truncation radius. Under autocast, q, k and v are cast to the
+    autocast dtype (the signatures and β are not) and the op returns that dtype, on every backend.
+    All tensors on one device; B·U·V < 2**31. Returns o [B, H, U, C] in q's dtype.
     """
     _check_tensor("q", q, 4, "[B, H, U, C]")
     _check_tensor("k", k, 4, "[B, H, V, C]")
@@ -121,5 +121,6 @@ def graph_attention(
     if not _tracing() and not bool(bandwidth.detach() > 0):
         raise ValueError(f"graph_attention: bandwidth must be > 0, got {bandwidth.item()}")
     fn = select_backend("graph_attention", q.device, backend)  # also inside torch.compile
-    with torch.autocast(q.device.type, enabled=False) if q.device.type in ("cpu", "cuda") else contextlib.nullcontext():
+    q, k, v = cast_operands(autocast_dtype(q), q, k, v)
+    with autocast_off(q):
         return fn(q, k, v, sig_r, sig_s, bandwidth, truncation, temperature, seed, threshold)

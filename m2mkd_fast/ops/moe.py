@@ -6,6 +6,7 @@ import torch
 
 from ..routing_result import Routing
 from ..backend import select_backend
+from .precision import autocast_dtype, autocast_off, cast_operands
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
@@ -92,7 +93,11 @@ def moe_mlp(
     Returns:
         y [T, d]. Dropped pairs (slot −1) contribute nothing. Differentiable with respect to x,
         the weights and biases, and r.weight; an expert without tokens gets zero gradients.
+        Under autocast, x and the expert weights and biases are cast to the autocast dtype and
+        y comes back in it; r.weight is applied in float32 before the down-cast.
     """
     check_moe_mlp_args(x, r, w1, b1, w2, b2, activation)
     fn = select_backend("moe_mlp", x.device, backend)
-    return fn(x, r, w1, b1, w2, b2, activation)
+    x, w1, b1, w2, b2 = cast_operands(autocast_dtype(x), x, w1, b1, w2, b2)
+    with autocast_off(x):
+        return fn(x, r, w1, b1, w2, b2, activation)

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from ..backend import select_backend
+from .precision import autocast_dtype, autocast_off, cast_operands
 
 __all__ = ["readin_attention"]
 
@@ -46,7 +47,8 @@ def readin_attention(
         backend: None | "auto" | "triton" | "cpp" | "torch" (see m2mkd_fast.backend).
 
     Returns:
-        m [B, U, H, C] in the dtype of q. Scale 1/√C with C the head dim of q.
+        m [B, U, H, C] in the dtype of q — under autocast, every tensor is first cast to the
+        autocast dtype (as F.linear does). Scale 1/√C with C the head dim of q.
     """
     _check_tensor("q", q, 4, "[B, U, H, C]")
     _check_tensor("x", x, 3, "[B, V, Din]")
@@ -74,4 +76,6 @@ def readin_attention(
         if t.device != q.device:
             raise ValueError(f"readin_attention: {name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
     fn = select_backend("readin_attention", q.device, backend)  # also inside torch.compile
-    return fn(q, x, w_k, w_v, s_k, s_v, b_v)
+    q, x, w_k, w_v, s_k, s_v, b_v = cast_operands(autocast_dtype(q), q, x, w_k, w_v, s_k, s_v, b_v)
+    with autocast_off(q):
+        return fn(q, x, w_k, w_v, s_k, s_v, b_v)
