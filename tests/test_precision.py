@@ -251,3 +251,19 @@ def test_triton_refuses_float64():
     x, w1, w2 = torch.randn(8, 8, dtype=torch.float64), torch.randn(4, 8, 8, dtype=torch.float64), torch.randn(4, 8, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         mk.ops.moe_mlp(x, r, w1, None, w2, None, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_reconciles_mixed_operands(backend):
+    """As F.linear does: under autocast, bf16 activations beside float32 weights are accepted (the
+    weights are cast); the result equals the op on explicitly cast operands, bit for bit."""
+    gen = torch.Generator().manual_seed(8)
+    T, d, h, E = 9, 16, 8, 2
+    x = torch.randn(T, d, generator=gen).bfloat16()
+    w1, w2 = torch.randn(E, d, h, generator=gen), torch.randn(E, h, d, generator=gen)
+    r = mk.ops.route(torch.randn(T, E, generator=gen), 1, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mk.ops.moe_mlp(x, r, w1, None, w2, None, backend=backend)
+    assert torch.equal(y, mk.ops.moe_mlp(x, r, w1.bfloat16(), None, w2.bfloat16(), None, backend=backend))
+    with pytest.raises(TypeError, match="w1 dtype"):
+        mk.ops.moe_mlp(x, r, w1, None, w2, None, backend=backend)  # outside autocast: one dtype

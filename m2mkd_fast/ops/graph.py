@@ -75,6 +75,7 @@ def graph_attention(
     autocast dtype (the signatures and β are not) and the op returns that dtype, on every backend.
     All tensors on one device; B·U·V < 2**31. Returns o [B, H, U, C] in q's dtype.
     """
+    q, k, v = cast_operands(autocast_dtype(q), q, k, v)
     _check_tensor("q", q, 4, "[B, H, U, C]")
     _check_tensor("k", k, 4, "[B, H, V, C]")
     _check_tensor("v", v, 4, "[B, H, V, C]")
@@ -121,6 +122,5 @@ def graph_attention(
     if not _tracing() and not bool(bandwidth.detach() > 0):
         raise ValueError(f"graph_attention: bandwidth must be > 0, got {bandwidth.item()}")
     fn = select_backend("graph_attention", q.device, backend)  # also inside torch.compile
-    q, k, v = cast_operands(autocast_dtype(q), q, k, v)
     with autocast_off(q):
         return fn(q, k, v, sig_r, sig_s, bandwidth, truncation, temperature, seed, threshold)

@@ -96,8 +96,8 @@ def moe_mlp(
         Under autocast, x and the expert weights and biases are cast to the autocast dtype and
         y comes back in it; r.weight is applied in float32 before the down-cast.
     """
+    x, w1, b1, w2, b2 = cast_operands(autocast_dtype(x), x, w1, b1, w2, b2)
     check_moe_mlp_args(x, r, w1, b1, w2, b2, activation)
     fn = select_backend("moe_mlp", x.device, backend)
-    x, w1, b1, w2, b2 = cast_operands(autocast_dtype(x), x, w1, b1, w2, b2)
     with autocast_off(x):
         return fn(x, r, w1, b1, w2, b2, activation)

@@ -50,6 +50,7 @@ def readin_attention(
         m [B, U, H, C] in the dtype of q — under autocast, every tensor is first cast to the
         autocast dtype (as F.linear does). Scale 1/√C with C the head dim of q.
     """
+    q, x, w_k, w_v, s_k, s_v, b_v = cast_operands(autocast_dtype(q), q, x, w_k, w_v, s_k, s_v, b_v)
     _check_tensor("q", q, 4, "[B, U, H, C]")
     _check_tensor("x", x, 3, "[B, V, Din]")
     batch, receivers, heads, head_dim = q.shape
@@ -76,6 +77,5 @@ def readin_attention(
         if t.device != q.device:
             raise ValueError(f"readin_attention: {name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
     fn = select_backend("readin_attention", q.device, backend)  # also inside torch.compile
-    q, x, w_k, w_v, s_k, s_v, b_v = cast_operands(autocast_dtype(q), q, x, w_k, w_v, s_k, s_v, b_v)
     with autocast_off(q):
         return fn(q, x, w_k, w_v, s_k, s_v, b_v)
