@@ -267,3 +267,82 @@ def test_autocast_reconciles_mixed_operands(backend):
     assert torch.equal(y, mk.ops.moe_mlp(x, r, w1.bfloat16(), None, w2.bfloat16(), None, backend=backend))
     with pytest.raises(TypeError, match="w1 dtype"):
         mk.ops.moe_mlp(x, r, w1, None, w2, None, backend=backend)  # outside autocast: one dtype
+
+
+# ------------------------------------------------------------------------ the training precision
+def _pair_and_finetune_tasks(kind):
+    """(pair task of module 1, fine-tune task of the full student) with the micro models."""
+    import timm
+
+    import m2mkd_fast.models  # noqa: F401  (registers the models with timm)
+    from m2mkd_fast.distill.students import pair_student, width
+    from m2mkd_fast.distill.tasks import EndToEnd, PairTask
+
+    torch.manual_seed(0)
+    meta = timm.create_model("meta_vit_micro", num_classes=10, num_stages=4)
+    teacher = timm.create_model("staged_vit_micro", num_classes=10, num_stages=4)
+    if kind == "vmoe":
+        student = timm.create_model("vmoe_micro", num_classes=10, num_stages=4, embed_dim=48, num_heads=3, moe_backend="torch")
+    else:
+        student = timm.create_model("nac_micro", num_classes=10, prior_steps=10, backend="torch")
+    pair = PairTask(meta, teacher, pair_student(kind, student, 1, width(meta), seed=0), 1)
+    return pair.train(), EndToEnd(student).train()
+
+
+@pytest.mark.parametrize("kind", ["vmoe", "nac"])
+def test_pair_and_finetune_steps_under_bf16_match_float32(kind):
+    """The trainer's step (forward_loss) under bf16 autocast on CPU: the forward really runs in
+    bf16 (bf16 logits), the float32 loss is within bf16 rounding (2^-7 relative) of the float32
+    step's, and every trainable parameter gets a finite float32 gradient."""
+    from m2mkd_fast.distill.loss import DistillationLoss, one_hot_targets
+    from m2mkd_fast.distill.trainer import forward_loss
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(9)
+        x = torch.randn(8, 1, 28, 28, generator=gen)
+        target = one_hot_targets(torch.randint(0, 10, (8,), generator=gen), 10, 0.1)
+        pair, finetune = _pair_and_finetune_tasks(kind)
+        for task, criterion in ((pair, DistillationLoss("soft", 0.5, 1.0)), (finetune, DistillationLoss("none"))):
+            torch.manual_seed(3)
+            loss32, logits32 = forward_loss(task, criterion, x, target, "fp32")
+            torch.manual_seed(3)
+            loss16, logits16 = forward_loss(task, criterion, x, target, "bf16")
+            assert logits32.dtype == torch.float32 and logits16.dtype == torch.bfloat16
+            assert loss16.dtype == torch.float32
+            torch.testing.assert_close(loss16, loss32, rtol=torch.finfo(torch.bfloat16).eps, atol=0)
+            params = [p for p in task.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss16, params)
+            assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fp16_training_phase_through_the_cli(tmp_path):
+    """--precision fp16 on a training phase: the config takes it, the trainer steps through a
+    GradScaler, the phase finishes with finite weights and records the precision."""
+    import json
+
+    from m2mkd_fast.cli import main
+    from m2mkd_fast.distill.checkpoint import load_weights
+
+    threads = torch.get_num_threads()
+    sets = ["meta.train.epochs=1", "meta.train.train_limit=64", "meta.train.batch_size=32", "data.test_limit=32"]
+    try:
+        rc = main(["pretrain-meta", "--config", "quick", "--precision", "fp16", "--run-dir", str(tmp_path), "--no-progress",
+                   "--threads", "1"] + [a for s in sets for a in ("--set", s)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    sd, meta = load_weights(tmp_path / "meta" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in sd.values())
+    assert meta["config"]["precision"] == "fp16"
+    assert json.loads((tmp_path / "meta" / "done.json").read_text())["phase"] == "pretrain-meta"
+
+
+def test_precision_config_key_is_checked(capsys):
+    from m2mkd_fast.cli import main
+
+    assert main(["show-config", "--set", "precision=fp8"]) == 2
+    assert "precision" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 STUDENTS = ("nac", "vmoe")
+PRECISIONS = ("fp32", "bf16", "fp16")
 OPEN_SECTIONS = ("kwargs",)
 
 
@@ -176,6 +177,7 @@ def validate(cfg: dict) -> dict:
          f"must be fashion_mnist, numpy or imagefolder, got {cfg['data']['name']!r}")
     need(cfg["data"]["source"] in ("auto", "full", "subset"), "data.source",
          f"must be auto, full or subset, got {cfg['data']['source']!r}")
+    need(cfg["precision"] in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}")
     need(cfg["device"] in ("auto", "cpu", "cuda") or str(cfg["device"]).startswith("cuda:"), "device",
          f"must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
     return cfg

@@ -101,7 +101,8 @@ class Pipeline:
         return {k: v for k, v in self.cfg["data"].items() if k != "num_workers"}
 
     def _common(self):
-        return {"data": self._data_key(), "augment": self.cfg["augment"]}
+        precision = self.cfg["precision"]  # only when not fp32: fp32 runs keep their fingerprints
+        return {"data": self._data_key(), "augment": self.cfg["augment"], **({"precision": precision} if precision != "fp32" else {})}
 
     def phase_config(self, phase: str, kind: str | None = None, seed: int | None = None, module: int | None = None) -> dict:
         """The part of the config a phase's output depends on (checkpoints compare it; done.json
@@ -158,7 +159,7 @@ class Pipeline:
                         phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=do_resume,
                         save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
                         title=title, eval_limit=self.cfg["log"]["eval_limit"],
-                        num_workers=self.cfg["data"]["num_workers"])
+                        num_workers=self.cfg["data"]["num_workers"], precision=self.cfg["precision"])
         except CheckpointError as err:
             if resume != "auto":
                 raise
@@ -167,7 +168,7 @@ class Pipeline:
                         phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=False,
                         save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
                         title=title, eval_limit=self.cfg["log"]["eval_limit"],
-                        num_workers=self.cfg["data"]["num_workers"])
+                        num_workers=self.cfg["data"]["num_workers"], precision=self.cfg["precision"])
         out = {"fingerprint": fingerprint(pcfg), "test_acc": res.final_test_acc, "seconds": res.seconds,
                "cpu_seconds": res.cpu_seconds,
                "img_per_s": res.images_per_s, "steps": res.steps, "phase": phase}
