@@ -125,3 +125,23 @@ def test_pytest_benchmark_suite_runs_at_quick_shapes():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_gpu_check_script_exits_at_once_without_a_gpu(tmp_path):
+    """scripts/gpu_check.sh on a machine without CUDA: says so, exits 0, writes nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run the whole check")
+    repo = Path(__file__).resolve().parents[1]
+    results = repo / "benchmarks" / "results" / "gpu"
+    existed = results.exists()
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device: nothing to check" in proc.stdout
+    assert results.exists() == existed
