@@ -94,7 +94,7 @@ def moe_mlp(
         y [T, d]. Dropped pairs (slot −1) contribute nothing. Differentiable with respect to x,
         the weights and biases, and r.weight; an expert without tokens gets zero gradients.
         Under autocast, x and the expert weights and biases are cast to the autocast dtype and
-        y comes back in it; r.weight is applied in float32 before the down-cast.
+        y comes back in it; r.weight is not cast (float32 from the layer's router).
     """
     x, w1, b1, w2, b2 = cast_operands(autocast_dtype(x), x, w1, b1, w2, b2)
     check_moe_mlp_args(x, r, w1, b1, w2, b2, activation)
