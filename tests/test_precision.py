@@ -46,7 +46,12 @@ def test_moe_layer_expert_choices_match_float32_under_autocast(backend, monkeypa
 
     seen = []
     route = moe_layer.route
-    monkeypatch.setattr(moe_layer, "route", lambda *a, **kw: seen.append(route(*a, **kw)) or seen[-1])
+
+    def recording_route(*args, **kwargs):
+        seen.append(route(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(moe_layer, "route", recording_route)
     torch.manual_seed(0)
     layer = MoEMLP(64, 128, 8, k=2, capacity_factor=1.05, backend=backend).eval()
     x = torch.randn(200, 64)
