@@ -69,6 +69,11 @@ def _expert_parallel(p):
                         "exchange); other parameters stay data parallel (DDP)")
 
 
+def _precision(p):
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype of the training steps (default: the config's precision, fp32)")
+
+
 def _student(p, seed=True):
     p.add_argument("--student", required=True, choices=["nac", "vmoe"], help="which student")
     if seed:
@@ -95,11 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=PHASE_HELP[name], description=PHASE_HELP[name])
         _common(p)
         _resume(p)
+        _precision(p)
     p = sub.add_parser("split-teacher", help=PHASE_HELP["split-teacher"], description=PHASE_HELP["split-teacher"])
     _common(p)
     p = sub.add_parser("distill", help=PHASE_HELP["distill"], description=PHASE_HELP["distill"])
     _common(p)
     _resume(p)
+    _precision(p)
     _student(p)
     p.add_argument("--module", default="all", metavar="I|all",
                    help="which module pair to train (0 .. num_stages-1), or 'all' in turn (default: all)")
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "assemble":
             _resume(p)
             _expert_parallel(p)
+            _precision(p)
     p = sub.add_parser("evaluate", help=PHASE_HELP["evaluate"], description=PHASE_HELP["evaluate"])
     _common(p)
     _student(p)
@@ -125,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         ". Phases already done with the same config are reused (the meta model and teacher are shared by "
         "all seeds); a killed reproduce picks up where it stopped when run again with the same arguments."))
     _common(p)
+    _precision(p)
     p.add_argument("--quick", action="store_true",
                    help="use the 'quick' preset (tiny budgets, 1 seed; minutes) unless --config is given")
     p.add_argument("--seeds", default=None, metavar="S,S,...", help="override reproduce.seeds, e.g. 0,1,2")
@@ -209,6 +218,8 @@ def _run(args, argv) -> int:
             overrides.append(f"reproduce.students=[{args.students}]")
     if getattr(args, "device", None):
         overrides.append(f"device={args.device}")
+    if getattr(args, "precision", None):
+        overrides.append(f"precision={args.precision}")
     cfg = load_config(args.config, overrides)
     if args.phase == "show-config":
         import yaml

@@ -54,6 +54,21 @@ def test_failing_case_is_reported_and_run_goes_on():
     assert records[0]["status"] == "failed" and "boom" in records[0]["reason"]
 
 
+def test_every_op_backend_gets_an_autocast_bf16_column():
+    """Every mk.ops case of every family, at quick shapes: also timed under bf16 autocast, shown in
+    the report's last column (the seed's and the peers' formulations are not)."""
+    import torch
+
+    device = torch.device("cpu")
+    cases = [c for c in suite.ops_cases.all_cases(device, True) if c.autocast]
+    assert {c.family for c in cases} == {"route", "moe_mlp", "readin_attention", "graph_attention"}
+    ceilings = {"matmul_flops": 1e9, "copy_bytes_per_s": 1e9}
+    records = suite.run_cases(cases, device, True, ceilings, ("fwd+bwd", "fwd"))
+    assert all(r["status"] == "ok" and r["autocast_bf16_ms"] > 0 for r in records), records
+    table = report.ops_table(records, "ops")
+    assert "autocast bf16 ms" in table and f"{records[0]['autocast_bf16_ms']:.3f}" in table
+
+
 def test_compare_prints_ratios(quick_run, tmp_path):
     out, results = quick_run
     slower = json.loads((out / "bench.json").read_text())
@@ -110,3 +125,23 @@ def test_pytest_benchmark_suite_runs_at_quick_shapes():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_gpu_check_script_exits_at_once_without_a_gpu(tmp_path):
+    """scripts/gpu_check.sh on a machine without CUDA: says so, exits 0, writes nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run the whole check")
+    repo = Path(__file__).resolve().parents[1]
+    results = repo / "benchmarks" / "results" / "gpu"
+    existed = results.exists()
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device: nothing to check" in proc.stdout
+    assert results.exists() == existed

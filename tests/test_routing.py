@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import m2mkd_fast as mk
 import m2mkd_fast.ops.routing as ops_routing
 from m2mkd_fast.reference import routing as ref
 from m2mkd_fast.routing_result import expert_capacity
@@ -42,6 +43,17 @@ def test_capacity_reported_by_route(impl):
     assert impl.route(logits, 1, capacity_factor=2.2).capacity == 24
     assert impl.route(logits, 1).capacity is None
     assert impl.route(logits, 2, capacity_factor=1.0, group_size=25).capacity == 8  # ceil(50/11)=5 → 8
+
+
+@pytest.mark.parametrize("impl", ["oracle"] + mk.available_backends("cpu"))
+@pytest.mark.parametrize("S,k,cf,E,expected", [(50, 2, 2.2, 5, 48), (40, 2, 1.05, 3, 28)])
+def test_capacity_follows_the_evaluation_order(impl, S, k, cf, E, expected):
+    """(S·k)·cf/E on floats: 100·2.2/5 = 44.00000000000001 → 45 → 48 (exact arithmetic gives 44);
+    80·1.05/3 = 28.0 → 28 (80/3·1.05 gives 28.000000000000004 → 32)."""
+    logits = torch.randn(S, E)
+    r = ref.route(logits, k, capacity_factor=cf) if impl == "oracle" else mk.ops.route(logits, k, capacity_factor=cf, backend=impl)
+    assert r.capacity == expected
+    assert r.slot.max() < expected
 
 
 # ------------------------------------------------------------------------ expert choice

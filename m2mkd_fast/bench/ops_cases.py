@@ -24,6 +24,7 @@ class Case:
     flops: dict  # pass name -> FLOPs (0 when not meaningful)
     min_bytes: dict
     note: str = ""
+    autocast: bool = False  # also time it under torch.autocast(bf16) on its float32/bf16 inputs
 
 
 def _leaf(*shape, device, dtype, scale=1.0):
@@ -109,12 +110,13 @@ def moe_cases(device, dtype, s, quick) -> list[Case]:
     ]
     for name in _backend_names(device, "moe_mlp"):
         cases.append(Case("moe_mlp", f"mk.ops backend={name}", shape,
-                          _runner(lambda name=name: ops.moe_mlp(x, r, w1, b1, w2, b2, backend=name), params), flops, nbytes))
+                          _runner(lambda name=name: ops.moe_mlp(x, r, w1, b1, w2, b2, backend=name), params), flops, nbytes,
+                          autocast=True))
     route_shape = f"T={T} E={E} k={k} cf=1.05"
     for name in _backend_names(device, "route"):
         cases.append(Case("route", f"mk.ops backend={name}", route_shape,
                           lambda p, name=name: (lambda: ops.route(logits, k, gate="vmoe", capacity_factor=1.05, backend=name)),
-                          {"fwd": 0}, {"fwd": logits.numel() * 4}))
+                          {"fwd": 0}, {"fwd": logits.numel() * 4}, autocast=True))
     if T <= 4096:
         cases.append(Case("route", "mk.reference (oracle, Python loops)", route_shape,
                           lambda p: (lambda: reference.route(logits, k, gate="vmoe", capacity_factor=1.05)),
@@ -144,7 +146,8 @@ def readin_cases(device, dtype, s, quick) -> list[Case]:
     for name in _backend_names(device, "readin_attention"):
         label = "folded + SDPA (backend=torch)" if name == "torch" else f"mk.ops backend={name}"
         cases.append(Case("readin_attention", label, shape,
-                          _runner(lambda name=name: ops.readin_attention(*args, backend=name), params), flops, nbytes))
+                          _runner(lambda name=name: ops.readin_attention(*args, backend=name), params), flops, nbytes,
+                          autocast=True))
     return cases
 
 
@@ -195,7 +198,7 @@ def graph_cases(device, dtype, s, quick, signatures=None, truncation=0.9, label=
     for name in _backend_names(device, "graph_attention"):
         cases.append(Case("graph_attention", f"mk.ops backend={name}", shape,
                           _runner(lambda name=name: ops.graph_attention(*args, truncation=truncation, temperature=temperature, seed=seed, backend=name), params),
-                          flops, nbytes))
+                          flops, nbytes, autocast=True))
     return cases
 
 

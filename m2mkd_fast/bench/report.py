@@ -14,6 +14,13 @@ def _fmt(value, digits=2):
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _autocast_cell(r: dict) -> str:
+    """The op's time under bf16 autocast (its inputs unchanged), blank where not measured."""
+    if "autocast_bf16_reason" in r:
+        return f"failed: {r['autocast_bf16_reason']}"
+    return _fmt(r.get("autocast_bf16_ms"), 3)
+
+
 def ops_table(records: list[dict], section: str) -> str:
     """One table per (family, pass): every formulation, with its ratio to the fastest."""
     groups = defaultdict(list)
@@ -25,15 +32,15 @@ def ops_table(records: list[dict], section: str) -> str:
         ok = [r["ms"] for r in rows if r["status"] == "ok"]
         best = min(ok) if ok else None
         out += [f"### {family} — {pass_name} — {shape}", "",
-                "| formulation | ms (median) | peak MiB | TFLOP/s | GB/s | of matmul peak | × fastest |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
+                "| formulation | ms (median) | peak MiB | TFLOP/s | GB/s | of matmul peak | × fastest | autocast bf16 ms |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             if r["status"] != "ok":
-                out.append(f"| {r['formulation']} | failed: {r['reason']} | | | | | |")
+                out.append(f"| {r['formulation']} | failed: {r['reason']} | | | | | | |")
                 continue
             out.append(
                 f"| {r['formulation']} | {_fmt(r['ms'], 3)} | {_fmt(r['peak_mib'], 1)} | {_fmt(r['tflops'], 3)} | "
-                f"{_fmt(r['gbytes_per_s'], 1)} | {r['flop_ratio']:.1%} | {r['ms'] / best:.2f} |"
+                f"{_fmt(r['gbytes_per_s'], 1)} | {r['flop_ratio']:.1%} | {r['ms'] / best:.2f} | {_autocast_cell(r)} |"
             )
         out.append("")
     return "\n".join(out)

@@ -47,13 +47,32 @@ def _run(fn: Callable[[], object], device, min_run_time) -> dict:
             torch.cuda.empty_cache()
 
 
+def _under_autocast(fn: Callable[[], object], device) -> Callable[[], object]:
+    """fn run inside torch.autocast(device, bf16): the ops' mixed-precision policy (docs/design.md §2.7)."""
+    def run():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            return fn()
+    return run
+
+
+def _autocast_fields(fn, device, min_run_time) -> dict:
+    result = _run(_under_autocast(fn, device), device, min_run_time)
+    if result["status"] != "ok":
+        return {"autocast_bf16_reason": result["reason"]}
+    return {"autocast_bf16_ms": result["ms"], "autocast_bf16_peak_mib": result["peak_mib"]}
+
+
 def run_cases(cases, device, quick: bool, ceilings: dict, passes=("fwd", "fwd+bwd"), section: str = "ops") -> list[dict]:
+    """Time every (case, pass); cases marked ``autocast`` also under bf16 autocast (extra fields)."""
     records = []
     work = [(case, p) for case in cases for p in passes if p in case.flops]
+    min_run_time = 0.01 if quick else 0.5
     for case, pass_name in tqdm(work, desc=f"bench {section}", leave=False):
         try:
             fn = case.build(pass_name)
-            result = _run(fn, device, 0.01 if quick else 0.5)
+            result = _run(fn, device, min_run_time)
+            if case.autocast and section == "ops":
+                result.update(_autocast_fields(fn, device, min_run_time))
         except Exception as err:  # noqa: BLE001
             result = {"status": "failed", "reason": f"{type(err).__name__}: {err}"}
         record = {"section": section, "family": case.family, "formulation": case.formulation, "shape": case.shape, "pass": pass_name, **result}

@@ -21,6 +21,7 @@ from .files import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 STUDENTS = ("nac", "vmoe")
+PRECISIONS = ("fp32", "bf16", "fp16")
 OPEN_SECTIONS = ("kwargs",)
 
 
@@ -198,6 +199,7 @@ def validate(cfg: dict) -> dict:
     for key in ("augment.mixup_prob", "augment.switch_prob"):
         need(0.0 <= _get(cfg, key) <= 1.0, key, f"must be in [0, 1], got {_get(cfg, key)}")
     need(fs["lr"] > 0, "evaluate.fewshot.lr", f"must be > 0, got {fs['lr']}")
+    need(cfg["precision"] in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}")
     need(cfg["device"] in ("auto", "cpu", "cuda") or str(cfg["device"]).startswith("cuda:"), "device",
          f"must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
     return cfg

@@ -133,7 +133,8 @@ class Pipeline:
         return {k: v for k, v in self.cfg["data"].items() if k != "num_workers"}
 
     def _common(self):
-        return {"data": self._data_key(), "augment": self.cfg["augment"]}
+        precision = self.cfg["precision"]  # only when not fp32: fp32 runs keep their fingerprints
+        return {"data": self._data_key(), "augment": self.cfg["augment"], **({"precision": precision} if precision != "fp32" else {})}
 
     def phase_config(self, phase: str, kind: str | None = None, seed: int | None = None, module: int | None = None) -> dict:
         """The part of the config a phase's output depends on (checkpoints compare it; done.json
@@ -210,7 +211,8 @@ class Pipeline:
                          phase=phase, config=pcfg, seed=seed, ctx=self.ctx, resume=resume_now,
                          save_module=save_module, progress=self.progress, log_every=self.cfg["log"]["every"],
                          title=title, eval_limit=self.cfg["log"]["eval_limit"],
-                         num_workers=self.cfg["data"]["num_workers"], expert_parallel=self.expert_parallel)
+                         num_workers=self.cfg["data"]["num_workers"], expert_parallel=self.expert_parallel,
+                         precision=self.cfg["precision"])
 
         lock = lock_run_dir(run_dir) if self.ctx.is_main else None
         try:

@@ -47,6 +47,22 @@ class TrainResult:
     cpu_seconds: float = 0.0  # this process's CPU time (all its threads) for the whole run
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def forward_loss(model: nn.Module, criterion: DistillationLoss, x: torch.Tensor, target: torch.Tensor,
+                 precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, student logits) of one batch: the task's forward under autocast in ``precision``'s
+    dtype ("fp32": none), the loss and the aux loss in float32 (docs/design.md §2.7)."""
+    dtype = AUTOCAST_DTYPES[precision]
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        s_logits, t_logits, aux = model(x)
+    loss = criterion(s_logits.float(), target, None if t_logits is None else t_logits.float())
+    if aux is not None:
+        loss = loss + aux.float()
+    return loss, s_logits
+
+
 class CosineSchedule:
     """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then cosine to ``min_lr`` at
     ``total_steps``; a per-step function, so its whole state is the step count."""
@@ -317,7 +333,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
           config: dict, seed: int, ctx: DistContext, resume: bool = False, eval_fn=None,
           save_module: nn.Module | None = None, progress: bool = True, log_every: int = 20,
           title: str = "", eval_limit: int = 0, num_workers: int = 0,
-          expert_parallel: bool = False) -> TrainResult:
+          expert_parallel: bool = False, precision: str = "fp32") -> TrainResult:
     """Train ``task`` on ``data.train``; return when ``tcfg['epochs']`` are done.
 
     Args:
@@ -340,6 +356,9 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
         num_workers: DataLoader worker processes for datasets read from disk (ImageFolder).
         expert_parallel: under torchrun, shard the experts of the task's MoEMLPs over the
             processes (:class:`ExpertShards`); every process then evaluates the whole test set.
+        precision: "fp32" | "bf16" | "fp16": the autocast dtype of the training forward passes
+            (see :func:`forward_loss`); fp16 scales the loss with torch.amp.GradScaler (its scale
+            is not checkpointed: a resumed fp16 run starts from the initial scale).
     """
     run_dir = Path(run_dir)
     device = ctx.device
@@ -412,6 +431,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                          label_smoothing=float(aug["label_smoothing"]), num_classes=data.num_classes)
     criterion = DistillationLoss(dcfg["type"], dcfg["alpha"], dcfg["tau"]) if dcfg else DistillationLoss("none")
     grad_clip = float(tcfg["grad_clip"])
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ckpt_every = int(tcfg.get("ckpt_every", 0) or 0)
 
     def student_logits(x):
@@ -461,21 +481,21 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             else:
                 target = one_hot_targets(y, data.num_classes, float(aug["label_smoothing"]))
             lr = sched.apply(opt)
-            s_logits, t_logits, aux = model(x)
-            loss = criterion(s_logits, target, t_logits)
-            if aux is not None:
-                loss = loss + aux
+            loss, s_logits = forward_loss(model, criterion, x, target, precision)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{phase}: loss became {loss.item()} at epoch {epoch}, step {step} (lower the lr?)")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if shards is not None:
                 shards.average_grads()
+            if grad_clip > 0:
+                scaler.unscale_(opt)
             if grad_clip > 0 and shards is not None:
                 shards.clip_grad_norm(trainable, grad_clip)
             elif grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step_count += 1
             images_seen += gbs
             run_loss += loss.item() * y.numel()

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.moe import ACTIVATIONS, moe_mlp
+from ..ops.precision import autocast_off
 from ..ops.routing import GATES, route, vmoe_aux_loss
 
 
@@ -34,8 +35,10 @@ class MoEMLP(nn.Module):
         ``stats``: {"load": [E] int64 kept pairs per expert, "dropped": [E] int64 pairs dropped
         for capacity per expert}; computed on the device, without a host sync.
 
-    The router runs in float32 when x is a 16-bit type (its logits, softmax, noise and aux loss);
-    the experts run in x's dtype.
+    Routing is float32 always (docs/design.md §2.7): the router logits, noise, softmax, top-k,
+    weights and aux loss run with autocast disabled on float32 copies (float64 stays float64), so
+    16-bit inputs and autocast make the float32 routing decisions. The experts run in x's dtype,
+    or in the autocast dtype under autocast.
     Parameters: ``gate_weight`` [dim, E] (+ ``gate_bias`` [E] for "naive"), ``w1`` [E, dim, h],
     ``b1`` [E, h], ``w2`` [E, h, dim], ``b2`` [E, dim]. :meth:`convert_fastmoe_state_dict`
     maps a FastMoE ``FMoETransformerMLP`` state dict onto these names.
@@ -102,27 +105,34 @@ class MoEMLP(nn.Module):
         nn.init.zeros_(self.b2)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Clean router logits [T, E] of the flattened tokens x [T, dim]."""
-        router_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        """Clean router logits [T, E] of the flattened tokens x [T, dim], float32 (or float64);
+        call with autocast disabled."""
+        router_dtype = torch.promote_types(x.dtype, torch.float32)
         weight = self.gate_weight.to(router_dtype)
         bias = None if self.gate_bias is None else self.gate_bias.to(router_dtype)
         return F.linear(x.to(router_dtype), weight.t(), bias)
+
+    def _route(self, tokens: torch.Tensor) -> tuple:
+        """(Routing, clean logits, noisy logits) of tokens [T, dim], in float32 (or float64)."""
+        clean = self.router_logits(tokens)
+        noisy = clean
+        if self.training and self.noise_std > 0:
+            noisy = clean + (self.noise_std / self.num_experts) * torch.randn_like(clean)
+        r = route(noisy, self.k, self.gate, self.capacity_factor, self.batch_priority, self.group_size, backend=self.backend)
+        return r, clean, noisy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must be [..., dim={self.dim}], got shape {tuple(x.shape)}")
         shape = x.shape
         tokens = x.reshape(-1, self.dim)
-        clean = self.router_logits(tokens)
-        noisy = clean
-        if self.training and self.noise_std > 0:
-            noisy = clean + (self.noise_std / self.num_experts) * torch.randn_like(clean)
-        r = route(noisy, self.k, self.gate, self.capacity_factor, self.batch_priority, self.group_size, backend=self.backend)
+        with autocast_off(tokens):
+            r, clean, noisy = self._route(tokens)
+            if self.gate == "vmoe":
+                self.aux_loss = vmoe_aux_loss(clean, noisy, self.k, self.noise_std, self.group_size, self.training)
+            else:
+                self.aux_loss = clean.new_zeros(())
         y = self.run_experts(tokens, r)
-        if self.gate == "vmoe":
-            self.aux_loss = vmoe_aux_loss(clean, noisy, self.k, self.noise_std, self.group_size, self.training)
-        else:
-            self.aux_loss = clean.new_zeros(())
         with torch.no_grad():
             dropped = torch.zeros_like(r.counts).scatter_add_(0, r.expert.reshape(-1), (r.slot < 0).reshape(-1).long())
         self.stats = {"load": r.counts.detach(), "dropped": dropped}

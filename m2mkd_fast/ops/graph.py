@@ -1,6 +1,5 @@
 """NAC kernel-modulated graph attention, validated and dispatched (DESIGN §2.4)."""
 
-import contextlib
 import math
 import numbers
 from typing import Optional
@@ -9,6 +8,7 @@ import torch
 
 from ..backend import select_backend
 from ..checks import check_finite
+from .precision import autocast_dtype, autocast_off, cast_operands
 
 __all__ = ["graph_attention"]
 
@@ -73,10 +73,11 @@ def graph_attention(
 
     q, k, v share one dtype; sig_r, sig_s and bandwidth may have their own (fp32 parameters beside
     bf16 activations): the kernel bias is computed from them in at least fp32, so bf16 rounding
-    never moves an edge across the truncation radius. Autocast does not apply inside the op: it
-    computes in the dtypes it is given, on every backend. All tensors on one device;
-    B·U·V < 2**31. Returns o [B, H, U, C] in q's dtype.
+    never moves an edge across the truncation radius. Under autocast, q, k and v are cast to the
+    autocast dtype (the signatures and β are not) and the op returns that dtype, on every backend.
+    All tensors on one device; B·U·V < 2**31. Returns o [B, H, U, C] in q's dtype.
     """
+    q, k, v = cast_operands(autocast_dtype(q), q, k, v)
     _check_tensor("q", q, 4, "[B, H, U, C]")
     _check_tensor("k", k, 4, "[B, H, V, C]")
     _check_tensor("v", v, 4, "[B, H, V, C]")
@@ -124,5 +125,5 @@ def graph_attention(
         raise ValueError(f"graph_attention: bandwidth must be finite and > 0, got {bandwidth.item()}")
     check_finite("graph_attention", q=q, k=k, v=v, sig_r=sig_r, sig_s=sig_s)
     fn = select_backend("graph_attention", q.device, backend)  # also inside torch.compile
-    with torch.autocast(q.device.type, enabled=False) if q.device.type in ("cpu", "cuda") else contextlib.nullcontext():
+    with autocast_off(q):
         return fn(q, k, v, sig_r, sig_s, bandwidth, truncation, temperature, seed, threshold)

@@ -7,6 +7,7 @@ import torch
 from ..routing_result import Routing
 from ..backend import select_backend
 from ..checks import check_finite
+from .precision import autocast_dtype, autocast_off, cast_operands
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
@@ -93,8 +94,12 @@ def moe_mlp(
     Returns:
         y [T, d]. Dropped pairs (slot −1) contribute nothing. Differentiable with respect to x,
         the weights and biases, and r.weight; an expert without tokens gets zero gradients.
+        Under autocast, x and the expert weights and biases are cast to the autocast dtype and
+        y comes back in it; r.weight is not cast (float32 from the layer's router).
     """
+    x, w1, b1, w2, b2 = cast_operands(autocast_dtype(x), x, w1, b1, w2, b2)
     check_moe_mlp_args(x, r, w1, b1, w2, b2, activation)
     check_finite("moe_mlp", x=x, w1=w1, b1=b1, w2=w2, b2=b2, **{"r.weight": r.weight})
     fn = select_backend("moe_mlp", x.device, backend)
-    return fn(x, r, w1, b1, w2, b2, activation)
+    with autocast_off(x):
+        return fn(x, r, w1, b1, w2, b2, activation)

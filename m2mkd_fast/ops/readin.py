@@ -6,6 +6,7 @@ import torch
 
 from ..backend import select_backend
 from ..checks import check_finite
+from .precision import autocast_dtype, autocast_off, cast_operands
 
 __all__ = ["readin_attention"]
 
@@ -47,8 +48,10 @@ def readin_attention(
         backend: None | "auto" | "triton" | "cpp" | "torch" (see m2mkd_fast.backend).
 
     Returns:
-        m [B, U, H, C] in the dtype of q. Scale 1/√C with C the head dim of q.
+        m [B, U, H, C] in the dtype of q — under autocast, every tensor is first cast to the
+        autocast dtype (as F.linear does). Scale 1/√C with C the head dim of q.
     """
+    q, x, w_k, w_v, s_k, s_v, b_v = cast_operands(autocast_dtype(q), q, x, w_k, w_v, s_k, s_v, b_v)
     _check_tensor("q", q, 4, "[B, U, H, C]")
     _check_tensor("x", x, 3, "[B, V, Din]")
     batch, receivers, heads, head_dim = q.shape
@@ -76,4 +79,5 @@ def readin_attention(
             raise ValueError(f"readin_attention: {name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
     check_finite("readin_attention", q=q, x=x, w_k=w_k, w_v=w_v, s_k=s_k, s_v=s_v, b_v=b_v)
     fn = select_backend("readin_attention", q.device, backend)  # also inside torch.compile
-    return fn(q, x, w_k, w_v, s_k, s_v, b_v)
+    with autocast_off(q):
+        return fn(q, x, w_k, w_v, s_k, s_v, b_v)

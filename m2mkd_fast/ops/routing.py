@@ -9,6 +9,7 @@ import torch
 from ..backend import select_backend
 from ..checks import check_finite
 from ..routing_result import Routing
+from .precision import autocast_off
 
 GATES = ("vmoe", "naive")
 AUX_LOSS_WEIGHT = 0.005
@@ -87,12 +88,14 @@ def route(
         Routing(expert [T, k] int64, weight [T, k] logits.dtype, slot [T, k] int64 (−1 =
         dropped; the weight of a dropped pair is kept but it contributes nothing),
         counts [E] int64 kept pairs per expert, capacity int | None). ``weight`` is
-        differentiable with respect to ``logits``.
+        differentiable with respect to ``logits``. Autocast does not apply: routing runs in
+        the logits' dtype (float32 for a layer, docs/design.md §2.7).
     """
     check_route_args(logits, k, gate, capacity_factor, batch_priority, group_size)
     check_finite("route", logits=logits)
     fn = select_backend("route", logits.device, backend)
-    return fn(logits, k, gate, capacity_factor, batch_priority, group_size)
+    with autocast_off(logits):
+        return fn(logits, k, gate, capacity_factor, batch_priority, group_size)
 
 
 def _cv_squared(v: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..routing_result import Routing, expert_capacity
+from ..routing_result import Routing
 
 GATES = ("vmoe", "naive")
 AUX_LOSS_WEIGHT = 0.005
@@ -33,6 +33,21 @@ def _group_size(num_tokens: int, group_size: Optional[int]) -> int:
     if group_size < 1 or num_tokens % group_size != 0:
         raise ValueError(f"group_size={group_size} must be >= 1 and divide the number of tokens T={num_tokens}")
     return group_size
+
+
+def _capacity(group_size: int, k: int, capacity_factor: Optional[float], num_experts: int) -> Optional[int]:
+    """C = ceil((S·k)·cf/E) on Python floats, in that order, rounded up to a multiple of 4 (None:
+    dropless; 0 for an empty group). Written out here, not shared, so that it checks the backends'."""
+    if capacity_factor is None:
+        return None
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+    if group_size == 0:
+        return 0
+    slots = math.ceil(float(group_size * k) * float(capacity_factor) / float(num_experts))
+    if slots < 1:
+        raise ValueError(f"expert capacity {slots} < 1 (group_size={group_size}, k={k}, capacity_factor={capacity_factor})")
+    return 4 * math.ceil(slots / 4)
 
 
 def _stable_top_k(values: list[float], k: int) -> list[int]:
@@ -66,7 +81,7 @@ def route(
     if not 1 <= k <= num_experts:
         raise ValueError(f"k={k} must satisfy 1 <= k <= num_experts={num_experts}")
     S = _group_size(num_tokens, group_size)
-    capacity = expert_capacity(S, k, capacity_factor, num_experts)
+    capacity = _capacity(S, k, capacity_factor, num_experts)
 
     # 1. Which experts, with which weights.
     scores = torch.softmax(logits, dim=-1) if gate == "vmoe" else logits

@@ -128,7 +128,9 @@ def graph_attention(
         # exact in q's dtype: SDPA's fused kernels (CPU flash) take it as a mask.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
     else:
-        scores = torch.matmul(q, k.transpose(-1, -2))  # [B,H,U,V] in the inputs' dtype
+        if q.dtype == torch.float16:  # q·k can overflow fp16 (bf16 has float32's range): float32
+            q, k = q.float(), k.float()
+        scores = torch.matmul(q, k.transpose(-1, -2))  # [B,H,U,V]
         logits = torch.add(bias, scores, alpha=scale)  # one pass, in the bias' (fp32+) dtype
         attn = torch.softmax(logits, dim=-1).to(v.dtype)
         out = torch.matmul(attn, v)

@@ -161,6 +161,8 @@ def moe_mlp(
     """
     if activation not in _k.ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(_k.ACTIVATIONS)}, got {activation!r}")
+    if x.dtype == torch.float64:
+        raise ValueError("moe_mlp (triton): x is float64, which the Triton kernels do not compute; use float32/bf16/fp16 or backend='cpp'/'torch'")
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         x = x.contiguous()  # the gathered loads want unit-stride rows
     tensors = (x, r.weight, w1, b1, w2, b2)

@@ -81,6 +81,8 @@ def route(
     """
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if logits.dtype == torch.float64:
+        raise ValueError("route (triton): logits are float64, which the Triton kernels do not compute; use float32/bf16/fp16 or backend='cpp'/'torch'")
     T, E = logits.shape
     if not 1 <= k <= E:
         raise ValueError(f"k={k} must satisfy 1 <= k <= num_experts={E}")
