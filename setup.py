@@ -61,7 +61,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["m2mkd_fast", "m2mkd_fast.*"]) + ["m2mkd_fast.kernels"],
+    packages=find_packages(include=["m2mkd_fast", "m2mkd_fast.*"], exclude=["m2mkd_fast.kernels", "m2mkd_fast.kernels.*"])
+    + ["m2mkd_fast.kernels"] + [f"m2mkd_fast.kernels.{name}" for name in find_packages("kernels")],
     package_dir={"m2mkd_fast.kernels": "kernels"},
     package_data={"m2mkd_fast": ["configs/*.yaml", "data/assets/*"]},
     include_package_data=True,

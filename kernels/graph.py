@@ -49,8 +49,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Tiles and launch configs per kernel and GPU generation, checked ahead of time (aot_specs,
-# m2mkd_fast.kernels.report): (kind, 16-bit dtype?, head dim > 64?, sample mode) →
+# Tiles and launch configs per kernel and GPU generation, checked ahead of time (kernels.aot.graph,
+# m2mkd_fast.kernels.aot.report): (kind, 16-bit dtype?, head dim > 64?, sample mode) →
 # (BLOCK_U, BLOCK_V, num_warps allowed, num_stages allowed). The tensor-core dots need M ≥ 64 for
 # wgmma (BLOCK_U in fwd/dq, BLOCK_V in dk/dv); registers bound the rest: the backward holds
 # P, dP, dS, the sample and its derivative live beside three accumulators (dq and Σ g·ŝ_s, or
@@ -795,100 +795,3 @@ def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Option
         if sig_grad:
             rr_sum, rs_sum, db_sum = rr_sum + rr.sum(0), rs_sum + rs.sum(0), db_sum + db.sum()
     return dq, dk, dv, rr_sum, rs_sum, db_sum
-
-
-# --------------------------------------------------------------------------------------------
-# ahead-of-time compilation specs (m2mkd_fast.kernels.report)
-# --------------------------------------------------------------------------------------------
-
-_POINTER_ARGS = {
-    "Q": "io", "K": "io", "Vt": "io", "O": "io", "DO": "io", "DQ": "io", "DK": "io", "DV": "io",
-    "LSE": "*fp32", "DELTA": "*fp32", "ELL": "*fp32", "SS": "*fp32", "SR": "*fp32", "RR": "*fp32",
-    "RS": "*fp32", "DB": "*fp32", "CNT": "*i32", "LST": "*i32", "LB": "*fp32", "JAC": "*fp32",
-}
-_FLOAT_ARGS = {"inv_t", "qk_scale", "sm_scale"}
-
-
-def _aot_signature(fn, io_type: str, constexprs: dict) -> tuple[dict, tuple]:
-    """Triton types of every argument as the JIT sees them at the benchmark shapes: contiguous
-    tensors (innermost stride 1, specialised to a constexpr), other strides multiples of 16."""
-    signature, divisible = {}, []
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _POINTER_ARGS:
-            kind = _POINTER_ARGS[name]
-            signature[name] = f"*{io_type}" if kind == "io" else kind
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        elif name == "seed":
-            signature[name] = "i64"
-        else:
-            signature[name] = "i32"
-            if name.startswith("s") and not name.endswith("c"):
-                divisible.append(name)  # head/batch/row strides: multiples of C = 64
-    return signature, tuple(divisible)
-
-
-_AOT_KERNELS = {
-    "fwd": ("graph_attention_fwd", "_fwd_kernel"),
-    "dq": ("graph_attention_bwd_dq", "_bwd_dq_kernel"),
-    "dkdv": ("graph_attention_bwd_dkdv", "_bwd_dkdv_kernel"),
-}
-
-
-def aot_spec_list(kind: str, dtype: torch.dtype, C: int, sample, arch: int = 90, blocks=None, configs=None) -> list:
-    """KernelSpecs of kernel ``kind`` for one (dtype, head dim, mode, GPU generation): the
-    launcher's tiles and every autotune config it may pick there (or the given ``blocks`` /
-    ``configs``: (warps, stages) pairs). sample: 0/False deterministic, 1/True sampled in the
-    kernel, 2 sampled from the per-pass cache."""
-    sample = int(sample)
-    from .aot import KernelSpec, jit_function
-
-    name, attr = _AOT_KERNELS[kind]
-    kernel = globals()[attr]
-    io_type = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    dot_f32, prec, sig_prec = _dot_flags(dtype, interpret=False)
-    bu, bv = blocks or default_blocks(kind, C, dtype, 1 << 20, 1 << 20, sample, interpret=False, arch=arch)
-    constexprs = dict(HEAD_DIM=C, C_PAD=C, SIG_DIM=64, BLOCK_U=bu, BLOCK_V=bv, SAMPLE=sample,
-                      DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS)
-    if kind != "fwd":
-        constexprs.update(S_PAD=64, SIG_GRAD=True, SIG_PREC=sig_prec)
-    fn = jit_function(kernel)
-    constexprs.update({a: 1 for a in fn.arg_names if a.startswith("s") and a.endswith("c")})
-    signature, divisible = _aot_signature(fn, io_type, constexprs)
-    if configs is None:
-        _, _, warps, stages = _tile_entry(kind, dtype != torch.float32, C, sample, arch)
-        configs = [(w, st) for w in warps for st in stages]
-    variant = f"C={C},{('deterministic', 'sampled', 'cached sample')[sample]},BU={bu},BV={bv}"
-    return [
-        KernelSpec(name, fn, signature, dict(constexprs), io_type, w, st, f"{variant},w{w},s{st}", True, divisible,
-                   (arch,))
-        for w, st in configs
-    ]
-
-
-def aot_specs():
-    """KernelSpecs of every kernel here, for the GPU builds (bf16 and fp32; C = 64 and 128;
-    sampled and deterministic; signature gradients on), sampled C=64 first per kernel and dtype."""
-    from .aot import KernelSpec, jit_function, specs_for_configs
-
-    specs = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for C in (64, 128):
-            for sample in (2, 1, 0):
-                for kind in _AOT_KERNELS:
-                    for arch in ARCHS:
-                        specs.extend(aot_spec_list(kind, dtype, C, sample, arch))
-        io_type = "bf16" if dtype == torch.bfloat16 else "fp32"
-        delta_const = dict(HEAD_DIM=64, C_PAD=64, BLOCK_U=64, soc=1, sdc=1)
-        signature, divisible = _aot_signature(_bwd_delta_kernel, io_type, delta_const)
-        specs.extend(specs_for_configs("graph_attention_bwd_delta", _bwd_delta_kernel, signature, delta_const, io_type,
-                                       False, divisible))
-    fn = jit_function(_sample_kernel)
-    for need_jac in (True, False):
-        constexprs = dict(BLOCK_U=32, BLOCK_V=64, NEED_JAC=need_jac, EPS=_FP32_EPS)
-        signature, divisible = _aot_signature(fn, "fp32", constexprs)
-        specs.append(KernelSpec("graph_attention_sample", fn, signature, constexprs, "fp32", 8, 3,
-                                f"BU=32,BV=64,{'with' if need_jac else 'without'} derivative,w8,s3", False, ()))
-    return specs

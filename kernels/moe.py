@@ -79,7 +79,7 @@ def _tensor_core_tiles():
 
 
 # Per kernel family and operand width; every GPU config was compiled for sm_80 and sm_90a with the
-# wheel's ptxas and none spills (see aot_specs and m2mkd_fast.kernels.report). fp32 operands use
+# wheel's ptxas and none spills (see m2mkd_fast.kernels.aot.moe and m2mkd_fast.kernels.aot.report). fp32 operands use
 # "ieee" dots (FMA, no tensor cores) unless torch allows TF32: small tiles, else they spill.
 if _interpreting():
     _CONFIGS = {
@@ -667,73 +667,3 @@ def moe_backward(
         if has_b2:
             bias_grad(dyw, db2, d)
     return dx, dweight, dw1, db1, dw2, db2
-
-
-# --------------------------------------------------------------------------------------------
-# ahead-of-time compilation specs (m2mkd_fast.kernels.report)
-# --------------------------------------------------------------------------------------------
-def aot_specs() -> list:
-    """KernelSpecs of every kernel, autotune config and dtype at the V-MoE-B shape (d = 768,
-    h = 3072, E = 8, k = 2, contiguous tensors: unit strides are specialised as the JIT does)."""
-    from .aot import KernelSpec, jit_function
-
-    def spec(name, kernel, dtype, pointers, constexprs, cfg=None, uses_dot=True):
-        fn = jit_function(kernel)
-        values = dict(constexprs)
-        warps, stages, label = 4, 2, ""
-        if cfg is not None:
-            values.update(cfg.kwargs)
-            warps, stages = cfg.num_warps, cfg.num_stages
-            label = ",".join(f"{k}={v}" for k, v in sorted(cfg.kwargs.items())) + f",w{warps},s{stages}"
-        signature, divisible = {}, []
-        for arg in fn.arg_names:
-            if arg in values:
-                signature[arg] = "constexpr"
-            elif arg in pointers:
-                signature[arg] = pointers[arg]
-            else:
-                signature[arg] = "i32"
-                divisible.append(arg)
-        return KernelSpec(name, fn, signature, values, dtype, warps, stages, label, uses_dot, tuple(divisible))
-
-    specs = []
-    for dtype in ("bf16", "fp32"):
-        p = f"*{dtype}"
-        elem = 2 if dtype == "bf16" else 4
-        dot = {"DOT_FP32": False, "PRECISION": "ieee", "BF16_RTNE": False}
-        common = {"E_P2": 8, **dot}
-        for cfg in configs("gemm", elem):
-            specs.append(spec("moe_fc1", _moe_fc1_kernel, dtype,
-                              {"X": p, "W": p, "BIAS": p, "Z": p, "A": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"},
-                              {"stride_xk": 1, "stride_wn": 1, "stride_bn": 1, "TOPK": 2, "HAS_BIAS": True,
-                               "SAVE_Z": True, "ACT": 0, **common}, cfg))
-            ptrs = {"SRC": p, "W": p, "BIAS": p, "WEIGHT": p, "OUT": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"}
-            specs.append(spec("moe_fc2", _moe_scatter_kernel, dtype, ptrs,
-                              {"stride_wn": 1, "stride_bn": 1, "HAS_BIAS": True, "HAS_SCALE": True, **common}, cfg))
-            specs.append(spec("moe_bwd_dx", _moe_scatter_kernel, dtype, ptrs,
-                              {"stride_wk": 1, "stride_bn": 1, "HAS_BIAS": False, "HAS_SCALE": False, **common}, cfg))
-        for cfg in configs("dz", elem):
-            specs.append(spec("moe_bwd_dz", _moe_dz_kernel, dtype,
-                              {"DY": p, "W": p, "WEIGHT": p, "Z": p, "A": p, "DZ": p, "PART": "*fp32",
-                               "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"},
-                              {"stride_dyk": 1, "stride_wk": 1, "TOPK": 2, "ACT": 0, "NEED_PART": True, **common}, cfg))
-        for cfg in configs("wgrad", elem):
-            ptrs = {"L": p, "R": p, "W": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"}
-            base = {"stride_l1": 1, "stride_wn": 1, "TOPK": 2, **dot}
-            specs.append(spec("moe_bwd_dw1", _moe_wgrad_kernel, dtype, ptrs, {**base, "L_GATHER": True}, cfg))
-            specs.append(spec("moe_bwd_dw2", _moe_wgrad_kernel, dtype, ptrs, {**base, "L_GATHER": False}, cfg))
-        specs.append(spec("moe_fill_tail", _moe_fill_tail_kernel, dtype,
-                          {"Z": p, "A": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"},
-                          {"SAVE_Z": True, "BLOCK_T": 64, "BLOCK_N": 128}, uses_dot=False))
-        specs.append(spec("moe_combine", _moe_combine_kernel, dtype,
-                          {"SRC": p, "ROW_OF_PAIR": "*i32", "OUT": p},
-                          {"stride_on": 1, "TOPK": 2, "BF16_RTNE": False, "BLOCK_T": 16, "BLOCK_N": 256}, uses_dot=False))
-        specs.append(spec("moe_bwd_pair_grad", _moe_pair_grad_kernel, dtype,
-                          {"PART": "*fp32", "ROW_OF_PAIR": "*i32", "EXPERT": "*i64", "WEIGHT": p, "DY": p, "BIAS": p,
-                           "DWEIGHT": p, "DYW": p},
-                          {"stride_dyd": 1, "stride_bd": 1, "TOPK": 2, "HAS_BIAS": True, "NEED_DWEIGHT": True,
-                           "NEED_DYW": True, "BF16_RTNE": False, "BLOCK_P": 64, "BLOCK_C": 64}, uses_dot=False))
-        specs.append(spec("moe_bwd_bias", _moe_bias_grad_kernel, dtype,
-                          {"R": p, "DB": p, "OFFSETS": "*i32"},
-                          {"stride_bn": 1, "BF16_RTNE": False, "BLOCK_K": 32, "BLOCK_N": 128}, uses_dot=False))
-    return specs
