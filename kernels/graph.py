@@ -32,21 +32,18 @@ Launchers only; no autograd here (see m2mkd_fast.triton_backend.graph).
 """
 
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
+from .common import dot
+
 _FP32_EPS = float(torch.finfo(torch.float32).eps)
 _LOG2E = 1.4426950408889634
 _LN2 = math.log(2.0)
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Tiles and launch configs per kernel and GPU generation, checked ahead of time (kernels.aot.graph,
@@ -158,16 +155,6 @@ _TUNE_KEY = ["HEAD_DIM", "SIG_DIM", "BLOCK_U", "BLOCK_V", "SAMPLE", "DOT_F32", "
 # --------------------------------------------------------------------------------------------
 # device helpers
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; DOT_F32 casts operands to fp32 (the interpreter's
-    bf16 dot is broken; the fp32 products of bf16 values are exact, as on the tensor core)."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PREC)
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -300,7 +287,7 @@ def _fwd_kernel(
         elif SAMPLE == 2:
             ell = tl.load(LB + (b * U + offs_u[:, None]) * V + offs_v[None, :], mask=ell > float("-inf"),
                           other=float("-inf"))
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
+        qk = dot(q, tl.trans(k), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
         s = qk * qk_scale + ell * LOG2E
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -308,7 +295,7 @@ def _fwd_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = _dot(_cast(p, v.dtype, DOT_F32), v, acc, DOT_F32, DOT_PREC)
+        acc = dot(_cast(p, v.dtype, DOT_F32), v, acc, DOT_F32, DOT_PREC)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -412,11 +399,11 @@ def _bwd_dq_kernel(
                 jac = tl.load(JAC + offs_n, mask=kept, other=0.0)
             else:
                 ell_b = ell
-            qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
+            qk = dot(q, tl.trans(k), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
             p = tl.math.exp2(qk * qk_scale + ell_b * LOG2E - lse[:, None])
-            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
+            dp = dot(do, tl.trans(v), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
             ds = p * (dp - delta[:, None])
-            dq = _dot(_cast(ds, k.dtype, DOT_F32), k, dq, DOT_F32, DOT_PREC)
+            dq = dot(_cast(ds, k.dtype, DOT_F32), k, dq, DOT_F32, DOT_PREC)
             if SIG_GRAD:
                 if SAMPLE:
                     g = tl.where(kept, ds * jac, 0.0)
@@ -503,12 +490,12 @@ def _bwd_dkdv_kernel(
                 jac = tl.load(JAC + offs_n, mask=kept, other=0.0)
             else:
                 ell_b = ell
-            kq = _dot(k, tl.trans(q), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
+            kq = dot(k, tl.trans(q), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
             pt = tl.math.exp2(kq * qk_scale + ell_b * LOG2E - lse[None, :])
-            dv = _dot(_cast(pt, do.dtype, DOT_F32), do, dv, DOT_F32, DOT_PREC)
-            dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
+            dv = dot(_cast(pt, do.dtype, DOT_F32), do, dv, DOT_F32, DOT_PREC)
+            dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
             dst = pt * (dpt - delta[None, :])
-            dk = _dot(_cast(dst, q.dtype, DOT_F32), q, dk, DOT_F32, DOT_PREC)
+            dk = dot(_cast(dst, q.dtype, DOT_F32), q, dk, DOT_F32, DOT_PREC)
             if SIG_GRAD:
                 if SAMPLE:
                     g = tl.where(kept, dst * jac, 0.0)

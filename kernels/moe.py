@@ -41,21 +41,18 @@ bf16 casts; see ``routing.round_to``). Intermediates Z, A, dZ and the per-pair o
 stored in the input dtype, as a framework MLP stores its activations.
 """
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .routing import device_function, dispatch_indices, round_to
+from . import interpreting
+from .common import device_function, round_to
+from .routing import dispatch_indices
 
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1}
 _PART = 32  # column granularity of the routing-weight gradient's partial sums
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +78,7 @@ def _tensor_core_tiles():
 # Per kernel family and operand width; every GPU config was compiled for sm_80 and sm_90a with the
 # wheel's ptxas and none spills (see m2mkd_fast.kernels.aot.moe and m2mkd_fast.kernels.aot.report). fp32 operands use
 # "ieee" dots (FMA, no tensor cores) unless torch allows TF32: small tiles, else they spill.
-if _interpreting():
+if interpreting():
     _CONFIGS = {
         "gemm": {"16bit": [_gemm_cfg(32, 32, 16, 1, 1)], "fp32": []},
         "dz": {"16bit": [_gemm_cfg(32, 32, 16, 1, 1)], "fp32": []},
@@ -123,7 +120,7 @@ def configs(family: str, operand_bytes: Optional[int] = None) -> list:
 
 
 def _prune(configs, named_args, **kwargs):
-    if _interpreting():
+    if interpreting():
         return configs
     args = {**named_args, **kwargs}
     operand = next(args[n] for n in ("X", "SRC", "DY", "L") if n in args)
@@ -485,7 +482,7 @@ def rows_hint(P: int) -> int:
 
 
 def _dot_settings(dtype: torch.dtype) -> dict:
-    interp = _interpreting()
+    interp = interpreting()
     if dtype == torch.float32:
         precision = "tf32" if (not interp and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     else:
@@ -495,12 +492,12 @@ def _dot_settings(dtype: torch.dtype) -> dict:
 
 def _combine(src: torch.Tensor, row_of_pair: torch.Tensor, out: torch.Tensor, k: int) -> None:
     T, N = out.shape
-    block_t = 32 if _interpreting() else 16
-    block_n = 32 if _interpreting() else min(256, triton.next_power_of_2(N))
+    block_t = 32 if interpreting() else 16
+    block_n = 32 if interpreting() else min(256, triton.next_power_of_2(N))
     grid = (triton.cdiv(T, block_t) * triton.cdiv(N, block_n),)
     _moe_combine_kernel[grid](
         src, row_of_pair, out, T, N, out.stride(0), out.stride(1),
-        TOPK=k, BF16_RTNE=_interpreting(), BLOCK_T=block_t, BLOCK_N=block_n,
+        TOPK=k, BF16_RTNE=interpreting(), BLOCK_T=block_t, BLOCK_N=block_n,
     )
 
 
@@ -557,10 +554,10 @@ def moe_forward(
         d, h, E, rows_hint(P), x.stride(0), x.stride(1), *w1.stride(), *(b1.stride() if b1 is not None else (0, 0)),
         TOPK=k, E_P2=e_p2, HAS_BIAS=b1 is not None, SAVE_Z=save_for_backward, ACT=act, **dot,
     )
-    block_t = 32 if _interpreting() else 64
+    block_t = 32 if interpreting() else 64
     _moe_fill_tail_kernel[(triton.cdiv(P, block_t),)](
         z, a, pair_of_row, offsets, P, h, E, SAVE_Z=save_for_backward, BLOCK_T=block_t,
-        BLOCK_N=32 if _interpreting() else min(128, triton.next_power_of_2(h)),
+        BLOCK_N=32 if interpreting() else min(128, triton.next_power_of_2(h)),
     )
     y_pairs = torch.empty((P, d), dtype=dt, device=dev)
     _scatter_gemm(a, w2, b2, weight.reshape(-1), y_pairs, pair_of_row, offsets, h, d, w2.stride(), True, **dot)
@@ -628,8 +625,8 @@ def moe_backward(
     dyw = torch.empty((P if need_dw2 else 0, d), dtype=dt, device=dev)
     has_b2 = b2 is not None
     if need_dweight or need_dw2:
-        block_p = 32 if _interpreting() else 64
-        block_c = 32 if _interpreting() else 64
+        block_p = 32 if interpreting() else 64
+        block_c = 32 if interpreting() else 64
         _moe_pair_grad_kernel[(triton.cdiv(P, block_p),)](
             part if need_dweight else dyw, row_of_pair, expert, weight, dy, b2 if has_b2 else dy, dweight, dyw,
             P, npart, d, dy.stride(0), dy.stride(1), *(b2.stride() if has_b2 else (0, 0)),
@@ -651,8 +648,8 @@ def moe_backward(
         )
 
     def bias_grad(rhs, out, N):
-        block_k = 32 if _interpreting() else 32
-        block_n = 32 if _interpreting() else min(128, triton.next_power_of_2(N))
+        block_k = 32 if interpreting() else 32
+        block_n = 32 if interpreting() else min(128, triton.next_power_of_2(N))
         _moe_bias_grad_kernel[(E * triton.cdiv(N, block_n),)](
             rhs, out, offsets, N, E, out.stride(0), out.stride(1),
             BF16_RTNE=dot["BF16_RTNE"], BLOCK_K=block_k, BLOCK_N=block_n,

@@ -51,20 +51,18 @@ This module holds kernels and launchers only: no autograd (see m2mkd_fast.triton
 """
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
+from .common import dot
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_DIN = 512
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # (largest Din, DA, DB): the column pieces each Din range runs with. Two pieces of 128 beat one
@@ -241,7 +239,7 @@ VERIFIED = {
 
 
 def _configs(kind: str) -> list:
-    if _interpreting():
+    if interpreting():
         return [_cfg(16, 16, 1, 1)]
     seen = []
     for dtype in ("bf16", "fp32"):
@@ -281,7 +279,7 @@ def supported(device: torch.device, dtype: torch.dtype, din: int) -> bool:
     interpreter; on CUDA when every kernel has a spill-free config for this target and Din."""
     if din < 1 or din > MAX_DIN or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if _interpreting():
+    if interpreting():
         return True
     if torch.device(device).type != "cuda":
         return False
@@ -292,7 +290,7 @@ def supported(device: torch.device, dtype: torch.dtype, din: int) -> bool:
 def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        if _interpreting():
+        if interpreting():
             return configs[:1]
         x = args["X"]
         allowed = _verified_configs(kind, x.device, x.dtype, args["DA"], args["DB"] if args["HAS_B"] else 0)
@@ -306,14 +304,6 @@ def _pruner(kind: str):
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    if DOT_FP32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
 @triton.autotune(configs=_configs("fwd"), key=["R", "N", "D"], prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _readin_fwd(
@@ -353,19 +343,19 @@ def _readin_fwd(
         mask_n = cur_n < N
         x_ptr = x_base + cur_n[:, None] * stride_xn
         xa = tl.load(x_ptr + offs_a[None, :], mask=mask_n[:, None] & mask_a[None, :], other=0.0)
-        s = _dot(qa, tl.trans(xa), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+        s = dot(qa, tl.trans(xa), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
         if HAS_B:
             xb = tl.load(x_ptr + offs_b[None, :], mask=mask_n[:, None] & mask_b[None, :], other=0.0)
-            s = _dot(qb, tl.trans(xb), s, DOT_FP32, PRECISION)
+            s = dot(qb, tl.trans(xb), s, DOT_FP32, PRECISION)
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(X.dtype.element_ty)
-        acc_a = _dot(p, xa, acc_a * alpha[:, None], DOT_FP32, PRECISION)
+        acc_a = dot(p, xa, acc_a * alpha[:, None], DOT_FP32, PRECISION)
         if HAS_B:
-            acc_b = _dot(p, xb, acc_b * alpha[:, None], DOT_FP32, PRECISION)
+            acc_b = dot(p, xb, acc_b * alpha[:, None], DOT_FP32, PRECISION)
         m_i = m_new
 
     # N == 0 (no token): zero output rather than NaN
@@ -457,17 +447,17 @@ def _readin_bwd_dq(
         mask_n = cur_n < N
         x_ptr = x_base + cur_n[:, None] * stride_xn
         xa = tl.load(x_ptr + offs_a[None, :], mask=mask_n[:, None] & mask_a[None, :], other=0.0)
-        sd = _dot(ta, tl.trans(xa), tl.zeros([2 * BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+        sd = dot(ta, tl.trans(xa), tl.zeros([2 * BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
         if HAS_B:
             xb = tl.load(x_ptr + offs_b[None, :], mask=mask_n[:, None] & mask_b[None, :], other=0.0)
-            sd = _dot(tb, tl.trans(xb), sd, DOT_FP32, PRECISION)
+            sd = dot(tb, tl.trans(xb), sd, DOT_FP32, PRECISION)
         dp, s = _unpair(sd, BLOCK_M, BLOCK_N)
         p = tl.exp2((s * qk_scale - row_max[:, None]) - log2_l[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
         ds = (p * (dp - delta[:, None]) * scale).to(X.dtype.element_ty)
-        dqa = _dot(ds, xa, dqa, DOT_FP32, PRECISION)
+        dqa = dot(ds, xa, dqa, DOT_FP32, PRECISION)
         if HAS_B:
-            dqb = _dot(ds, xb, dqb, DOT_FP32, PRECISION)
+            dqb = dot(ds, xb, dqb, DOT_FP32, PRECISION)
 
     dq_ptr = DQ + b * stride_dqb + offs_m[:, None] * stride_dqr
     tl.store(dq_ptr + offs_a[None, :], dqa.to(DQ.dtype.element_ty), mask=mask_ma)
@@ -524,17 +514,17 @@ def _readin_bwd_dx(
         row_max = tl.load(stats_ptr, mask=mask_m, other=float("inf"))
         log2_l = tl.load(stats_ptr + 1, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + b * stride_db + cur_m, mask=mask_m, other=0.0)
-        sd = _dot(ta, tl.trans(xa), tl.zeros([2 * BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+        sd = dot(ta, tl.trans(xa), tl.zeros([2 * BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
         if HAS_B:
             tb = _load_pair_tile(PAIR, b, start_m, m_hi, stride_pb, stride_pr, offs_b, mask_b, BLOCK_M)
-            sd = _dot(tb, tl.trans(xb), sd, DOT_FP32, PRECISION)
+            sd = dot(tb, tl.trans(xb), sd, DOT_FP32, PRECISION)
         dp, s = _unpair(sd, BLOCK_M, BLOCK_N)
         p = tl.exp2((s * qk_scale - row_max[:, None]) - log2_l[:, None])
         ds = p * (dp - delta[:, None]) * scale
         pds = tl.reshape(tl.permute(tl.join(p, ds), [0, 2, 1]), [2 * BLOCK_M, BLOCK_N]).to(X.dtype.element_ty)
-        dxa = _dot(tl.trans(ta), pds, dxa, DOT_FP32, PRECISION)
+        dxa = dot(tl.trans(ta), pds, dxa, DOT_FP32, PRECISION)
         if HAS_B:
-            dxb = _dot(tl.trans(tb), pds, dxb, DOT_FP32, PRECISION)
+            dxb = dot(tl.trans(tb), pds, dxb, DOT_FP32, PRECISION)
 
     dx_ptr = DX + split.to(tl.int64) * stride_dxs + b * stride_dxb + offs_n[:, None] * stride_dxn
     tl.store(dx_ptr + offs_a[None, :], tl.trans(dxa).to(DX.dtype.element_ty), mask=mask_n[:, None] & mask_a[None, :])
@@ -557,10 +547,10 @@ def _common(qp: torch.Tensor, x: torch.Tensor):
         raise ValueError(f"readin kernels: q' {tuple(qp.shape)} and x {tuple(x.shape)} disagree on B or Din")
     if qp.dtype != x.dtype or qp.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"readin kernels: q' and x must share one of float32/bfloat16/float16, got {qp.dtype}, {x.dtype}")
-    if qp.device.type != "cuda" and not _interpreting():
+    if qp.device.type != "cuda" and not interpreting():
         raise RuntimeError(f"readin kernels: {qp.device.type} tensors need TRITON_INTERPRET=1 (set before Triton is imported)")
     da, db = din_pieces(qp.shape[2])
-    dot_fp32 = _interpreting()
+    dot_fp32 = interpreting()
     precision = "ieee" if qp.dtype == torch.float32 else "tf32"
     return da, db, dot_fp32, precision
 
@@ -605,8 +595,8 @@ def _num_sms(device: torch.device) -> int:
 def _dx_splits(B: int, R: int, N: int, device: torch.device) -> tuple[int, int]:
     """(splits, rows per split) of the dX reduction over query rows: split only when the
     B · cdiv(N, 64) programs of the dX grid cannot give every SM two programs."""
-    granule = 16 if _interpreting() else 128  # a multiple of every BLOCK_M
-    programs = B * triton.cdiv(N, 16 if _interpreting() else 64)
+    granule = 16 if interpreting() else 128  # a multiple of every BLOCK_M
+    programs = B * triton.cdiv(N, 16 if interpreting() else 64)
     want = triton.cdiv(2 * _num_sms(device), max(programs, 1))
     splits = max(1, min(want, triton.cdiv(R, granule), 8))
     rows = triton.cdiv(triton.cdiv(R, splits), granule) * granule

@@ -32,45 +32,24 @@ dropped) and ``offsets`` [E+1] int32. Nothing is read back on the host; sizes ar
 ``route_backward`` (``_route_bwd_kernel``, grid (cdiv(T, BLOCK_T),)): d logits from d weight.
 """
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import interpreting
+from .common import round_to
 
 
 def _row_block(e_p2: int) -> int:
     """Tokens (or pairs) per program so that a [block, E_P2] one-hot tile stays ~2K elements."""
-    if _interpreting():
+    if interpreting():
         return 32  # the interpreter's cost is per program and op, not per element
     return max(16, min(256, 2048 // e_p2))
 
 
-_SCAN_ROWS = 16 if _interpreting() else 64
-
-
-def device_function(fn):
-    """``triton.jit`` for a GPU build. Under the interpreter a plain function instead: called
-    from an interpreted kernel it runs on the same patched ``triton.language``, while a nested
-    jit function call re-patches the language first (~5 ms per call in Triton 3.8)."""
-    return fn if _interpreting() else triton.jit(fn)
-
-
-@device_function
-def round_to(x, DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr):
-    """``x.to(DTYPE)`` rounding to nearest even. The Triton interpreter (3.8) truncates fp32 →
-    bf16 casts; launchers set BF16_RTNE under it so the bits match a GPU's cvt.rn (subnormals
-    still flush to zero there). On a GPU BF16_RTNE is False and this is a plain cast."""
-    if BF16_RTNE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
-    return x.to(DTYPE)
+_SCAN_ROWS = 16 if interpreting() else 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +307,7 @@ def route_forward(
     _route_gate_kernel[(G * NB,)](
         logits, expert, weight, hist, S, NB, E, logits.stride(0), logits.stride(1),
         K=k, K_P2=max(2, triton.next_power_of_2(k)), GATE_VMOE=gate_vmoe, WRITE_HIST=not batch_priority,
-        BLOCK_T=block_t, E_P2=e_p2, BF16_RTNE=_interpreting(),
+        BLOCK_T=block_t, E_P2=e_p2, BF16_RTNE=interpreting(),
     )
     perm = expert  # unused placeholder when there is no batch priority
     if batch_priority:
@@ -358,7 +337,7 @@ def route_backward(grad_weight: torch.Tensor, logits: torch.Tensor, expert: torc
     _route_bwd_kernel[(triton.cdiv(T, block_t),)](
         logits, expert.contiguous(), grad_weight, grad_logits, T, E,
         logits.stride(0), logits.stride(1), grad_weight.stride(0), grad_weight.stride(1),
-        K=k, GATE_VMOE=gate_vmoe, BLOCK_T=block_t, E_P2=e_p2, BF16_RTNE=_interpreting(),
+        K=k, GATE_VMOE=gate_vmoe, BLOCK_T=block_t, E_P2=e_p2, BF16_RTNE=interpreting(),
     )
     return grad_logits
 

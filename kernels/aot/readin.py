@@ -7,8 +7,7 @@ compiles every candidate config (``CANDIDATES``) of every kernel, Din variant an
 ptxas and prints the ``VERIFIED`` table that m2mkd_fast.kernels.readin's autotuner reads.
 """
 
-import os
-
+from .. import interpreting
 from .. import readin as _k
 from .compile import KernelSpec, compile_spec, jit_function, problems, signature
 
@@ -114,6 +113,6 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     if args.verify:
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if interpreting():
             sys.exit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real kernels")
         print(format_table(verify_table(args.workers, log=lambda m: print(m, file=sys.stderr, flush=True))))

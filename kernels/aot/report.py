@@ -11,16 +11,16 @@ in a bf16 dot. The report ends with the roofline of every benchmark shape (m2mkd
 import argparse
 import datetime
 import importlib
-import os
 import sys
 
+from .. import interpreting
 from . import FAMILIES
 
 
 def collect_specs(quick: bool = False, only=()) -> list:
     """KernelSpecs of every op family's ``aot_specs()`` (m2mkd_fast.kernels.aot.<family>; those
     whose "kernel config dtype" contains every string of ``only``)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (kernels are interpreted functions)")
     specs = []
     for name in FAMILIES:

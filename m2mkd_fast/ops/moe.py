@@ -6,8 +6,7 @@ import torch
 
 from ..routing_result import Routing
 from ..backend import select_backend
-
-ACTIVATIONS = ("gelu", "gelu_tanh")
+from ..reference.moe import ACTIVATIONS
 
 
 def _shape(t) -> tuple:
@@ -61,7 +60,7 @@ def check_moe_mlp_args(x, r, w1, b1, w2, b2, activation) -> None:
     if len(devices) > 1:
         raise ValueError(f"x, r, w1, b1, w2, b2 must be on one device, got {sorted(str(v) for v in devices)}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if x.device.type == "cpu" and r.expert.numel() and not torch.compiler.is_compiling():
         lo, hi = int(r.expert.min()), int(r.expert.max())
         if lo < 0 or hi >= E:
@@ -94,5 +93,5 @@ def moe_mlp(
         the weights and biases, and r.weight; an expert without tokens gets zero gradients.
     """
     check_moe_mlp_args(x, r, w1, b1, w2, b2, activation)
-    fn = select_backend("moe_mlp", x.device, backend)
-    return fn(x, r, w1, b1, w2, b2, activation)
+    args = (x, r, w1, b1, w2, b2, activation)
+    return select_backend("moe_mlp", x.device, backend, args)(*args)

@@ -73,5 +73,5 @@ def readin_attention(
             raise TypeError(f"readin_attention: {name} has dtype {t.dtype} but q has {q.dtype}; all tensors must share one dtype")
         if t.device != q.device:
             raise ValueError(f"readin_attention: {name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
-    fn = select_backend("readin_attention", q.device, backend)  # also inside torch.compile
-    return fn(q, x, w_k, w_v, s_k, s_v, b_v)
+    args = (q, x, w_k, w_v, s_k, s_v, b_v)
+    return select_backend("readin_attention", q.device, backend, args)(*args)  # also inside torch.compile

@@ -21,9 +21,8 @@ from typing import Optional
 
 import torch
 
-from ..routing_result import Routing, expert_capacity
+from ..routing_result import GATES, Routing, expert_capacity
 
-GATES = ("vmoe", "naive")
 AUX_LOSS_WEIGHT = 0.005
 
 

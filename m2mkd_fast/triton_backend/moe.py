@@ -2,12 +2,12 @@
 
 ``moe_mlp`` is a thin wrapper over two torch.library custom ops (FlashAttention's layering):
 
-* ``m2mkd_fast_triton::moe_mlp`` — forward. Returns y and what the backward needs: the
+* ``m2mkd_fast::moe_triton_fwd`` — forward. Returns y and what the backward needs: the
   pre-activation Z and activation A of every kept pair (rows sorted by expert), and the dispatch
   index lists. Their shapes depend only on the input shapes (T·k rows, an upper bound), so the
   fake (meta) implementation needs no data and ``torch.compile(fullgraph=True)`` traces through.
   Z is only computed when a gradient will be needed (``save_for_backward``).
-* ``m2mkd_fast_triton::moe_mlp_backward`` — gradients of x, the routing weights, w1, b1, w2, b2,
+* ``m2mkd_fast::moe_triton_bwd`` — gradients of x, the routing weights, w1, b1, w2, b2,
   each only when asked for; wired to the forward op with ``torch.library.register_autograd``.
 
 No host synchronisation anywhere: the number of tokens per expert never leaves the device.
@@ -20,12 +20,13 @@ from typing import Optional
 import torch
 
 from ..kernels import moe as _k
+from ..library import forbid_double_backward, op_name
 from ..routing_result import Routing
 
-_NS = "m2mkd_fast_triton"
+_FWD, _BWD = op_name("moe", "triton", "fwd"), op_name("moe", "triton", "bwd")
 
 
-@torch.library.custom_op(f"{_NS}::moe_mlp", mutates_args=(), device_types=("cuda", "cpu"))
+@torch.library.custom_op(_FWD, mutates_args=(), device_types=("cuda", "cpu"))
 def _moe_mlp_fwd(
     x: torch.Tensor,
     expert: torch.Tensor,
@@ -56,7 +57,7 @@ def _(x, expert, weight, slot, w1, b1, w2, b2, activation, save_for_backward):
     )
 
 
-@torch.library.custom_op(f"{_NS}::moe_mlp_backward", mutates_args=(), device_types=("cuda", "cpu"))
+@torch.library.custom_op(_BWD, mutates_args=(), device_types=("cuda", "cpu"))
 def _moe_mlp_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -102,6 +103,9 @@ def _(dy, x, expert, weight, w1, b1, w2, b2, z, a, pair_of_row, row_of_pair, off
     )
 
 
+forbid_double_backward(_BWD)
+
+
 def _setup_context(ctx, inputs, output):
     x, expert, weight, slot, w1, b1, w2, b2, activation, save_for_backward = inputs
     _, z, a, pair_of_row, row_of_pair, offsets = output
@@ -140,7 +144,7 @@ def _backward(ctx, dy, *_unused):
     )
 
 
-torch.library.register_autograd(f"{_NS}::moe_mlp", _backward, setup_context=_setup_context)
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
 
 def moe_mlp(
