@@ -129,8 +129,8 @@ def graph_attention(
     · bandwidth 0-dim -> o [B,H,U,C].
 
     temperature=None: deterministic ℓ; a float: relaxed-Bernoulli sample from Philox stream
-    ``seed`` (an int or a 0-dim integer tensor; or from ``uniform`` [B,U,V] in (0,1), e.g. torch.rand, when given: the seed's own
-    RNG, for benchmarks); threshold=True: the 0/−∞ eval mode. seed_clamp=True reproduces the
+    ``seed`` (an int or a 0-dim integer tensor; or from ``uniform`` [B,U,V] in (0,1), e.g.
+    torch.rand, when given: the seed's own RNG, for benchmarks); threshold=True: the 0/−∞ eval mode. seed_clamp=True reproduces the
     seed's RelaxedBernoulli clamping in sampled mode (truncated edges get a finite log-sample,
     about −32), for bounding the difference to our exact −∞.
     """
