@@ -51,7 +51,7 @@ from . import interpreting
 from .common import device_function, round_to
 from .routing import dispatch_indices
 
-ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1}
+_ACT = {"none": 0, "tanh": 1}  # GELU approximation (as F.gelu's approximate) -> the kernels' ACT
 _PART = 32  # column granularity of the routing-weight gradient's partial sums
 
 
@@ -521,22 +521,22 @@ def moe_forward(
     b1: Optional[torch.Tensor],
     w2: torch.Tensor,
     b2: Optional[torch.Tensor],
-    activation: str,
+    approximate: str,
     save_for_backward: bool,
 ):
     """Grouped expert MLP forward.
 
     x [T, d] · expert, slot [T, k] int64 · weight [T, k] · w1 [E, d, h] · b1 [E, h] | None ·
-    w2 [E, h, d] · b2 [E, d] | None → (y [T, d], Z [T·k or 0, h], A [T·k, h],
-    pair_of_row [T·k] int32, row_of_pair [T·k] int32, offsets [E+1] int32). Z (the
-    pre-activation) is only computed when ``save_for_backward``.
+    w2 [E, h, d] · b2 [E, d] | None · approximate "none" | "tanh" (the GELU) → (y [T, d],
+    Z [T·k or 0, h], A [T·k, h], pair_of_row [T·k] int32, row_of_pair [T·k] int32, offsets
+    [E+1] int32). Z (the pre-activation) is only computed when ``save_for_backward``.
     """
     T, d = x.shape
     E, _, h = w1.shape
     k = expert.shape[1]
     P = T * k
     dev, dt = x.device, x.dtype
-    act = ACTIVATIONS[activation]
+    act = _ACT[approximate]
     expert = expert.contiguous()
     slot = slot.contiguous()
     weight = weight.contiguous()
@@ -579,7 +579,7 @@ def moe_backward(
     pair_of_row: torch.Tensor,
     row_of_pair: torch.Tensor,
     offsets: torch.Tensor,
-    activation: str,
+    approximate: str,
     need_dx: bool = True,
     need_dweight: bool = True,
     need_dw1: bool = True,
@@ -595,7 +595,7 @@ def moe_backward(
     k = expert.shape[1]
     P = T * k
     dev, dt = x.device, x.dtype
-    act = ACTIVATIONS[activation]
+    act = _ACT[approximate]
     empty = lambda ref: torch.empty((0,), dtype=ref.dtype, device=dev)  # noqa: E731
     dx = torch.empty((T, d), dtype=dt, device=dev) if need_dx else empty(x)
     dweight = torch.empty((T, k), dtype=weight.dtype, device=dev) if need_dweight else empty(weight)
