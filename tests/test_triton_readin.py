@@ -286,6 +286,16 @@ def test_large_din_falls_back():
     torch.testing.assert_close(got, ref_folded(*tensors), rtol=1e-4, atol=1e-5)
 
 
+def test_support_check_traces_when_din_changes():
+    """torch.compile(fullgraph=True) through the op: the support check traces as Din changes
+    between calls (a recompile with a dynamic Din), the unsupported Din falling through."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *t: ops.readin_attention(*t, backend="triton"), fullgraph=True, backend="aot_eager")
+    for din in (32, kern.MAX_DIN + 16, 40):
+        tensors = [t.float() for t in _inputs(1, 3, 4, 1, 8, din, device=DEVICE)]
+        torch.testing.assert_close(compiled(*tensors), ref_folded(*tensors), rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------
 # custom op: schema, fake impl, autograd registration; torch.compile
 # ------------------------------------------------------------------------------------------

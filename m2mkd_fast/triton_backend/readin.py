@@ -101,8 +101,12 @@ def supports(q, x, w_k, w_v, s_k, s_v, b_v=None) -> bool:
     """Whether the kernels have a verified config for x's device, dtype and Din
     (m2mkd_fast.kernels.readin.supported: today bf16/fp16 up to Din 320 and fp32 up to Din 96
     on sm_80/sm_90a, where ptxas finds spill-free tiles; always under the interpreter). Where
-    not, dispatch runs the op on the next backend."""
-    return _kernels_supported(x.device.type, x.device.index, x.dtype, int(x.shape[-1]))
+    not, dispatch runs the op on the next backend. Traceable with a dynamic Din: the answer
+    depends on its padded width (din_pieces) only, a constant per trace."""
+    din = x.shape[-1]
+    if not 1 <= din <= _kernels.MAX_DIN:
+        return False
+    return _kernels_supported(x.device.type, x.device.index, x.dtype, sum(_kernels.din_pieces(din)))
 
 
 def readin_attention(
