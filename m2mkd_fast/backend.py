@@ -70,6 +70,9 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
         except ImportError as err:
             return (f"the C++ extension m2mkd_fast._C is not built ({err}); reinstall with a C++ compiler and ninja, "
                     "or set M2MKD_CPP_JIT=1 in a source checkout to build it just in time")
+        if not hasattr(torch.ops.m2mkd_fast, "moe_cpp_fwd"):
+            return ("the C++ extension m2mkd_fast._C is out of date (it does not register the m2mkd_fast::<family>_cpp_* "
+                    "ops); rebuild it: python setup.py build_ext --inplace")
         return None
     raise ValueError(f"unknown backend {name!r}")
 
