@@ -67,8 +67,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["m2mkd_fast", "m2mkd_fast.*"], exclude=["m2mkd_fast.kernels"])
-    + ["m2mkd_fast.kernels"] + list(DATA_PACKAGES),
+    packages=find_packages(include=["m2mkd_fast", "m2mkd_fast.*"], exclude=["m2mkd_fast.kernels", "m2mkd_fast.kernels.*"])
+    + ["m2mkd_fast.kernels"] + [f"m2mkd_fast.kernels.{name}" for name in find_packages("kernels")] + list(DATA_PACKAGES),
     package_dir={"m2mkd_fast.kernels": "kernels", "m2mkd_fast.csrc": "csrc"},
     package_data=DATA_PACKAGES,
     install_requires=[

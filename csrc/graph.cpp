@@ -655,7 +655,10 @@ void graph_sample_impl(const T* logit, const int64_t* row, const int64_t* col, i
 
 std::tuple<at::Tensor, at::Tensor> graph_sample(const at::Tensor& logit, const at::Tensor& row, const at::Tensor& col,
                                                 int64_t batch, int64_t num_receivers, int64_t num_senders,
-                                                int64_t seed, double temperature) {
+                                                const at::Tensor& seed, double temperature) {
+  TORCH_CHECK(seed.dim() == 0 && seed.device().is_cpu() && !seed.is_floating_point() && !seed.is_complex(),
+              "graph_sample: seed must be a 0-dim integer CPU tensor, got ", seed.dim(), "-dim ", seed.scalar_type(),
+              " on ", seed.device());
   TORCH_CHECK(logit.dim() == 1 && row.sizes() == logit.sizes() && col.sizes() == logit.sizes(),
               "graph_sample: logit, row, col must be 1-D of one length");
   TORCH_CHECK(row.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "graph_sample: row, col must be int64");
@@ -672,7 +675,7 @@ std::tuple<at::Tensor, at::Tensor> graph_sample(const at::Tensor& logit, const a
   auto deriv = at::empty({batch, nnz}, l.options());
   AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "graph_sample", [&] {
     graph_sample_impl<scalar_t>(l.data_ptr<scalar_t>(), r.data_ptr<int64_t>(), c.data_ptr<int64_t>(), batch,
-                                num_receivers, num_senders, nnz, static_cast<uint64_t>(seed), temperature,
+                                num_receivers, num_senders, nnz, static_cast<uint64_t>(seed.item<int64_t>()), temperature,
                                 lb.data_ptr<scalar_t>(), deriv.data_ptr<scalar_t>());
   });
   return {lb, deriv};
@@ -695,9 +698,9 @@ at::Tensor philox_uniform(int64_t seed, const at::Tensor& offsets) {
 }  // namespace
 }  // namespace m2mkd
 
-TORCH_LIBRARY_IMPL(m2mkd_fast_cpp, CPU, m) {
-  m.impl("philox_uniform", &m2mkd::philox_uniform);
-  m.impl("graph_sample", &m2mkd::graph_sample);
-  m.impl("graph_forward", &m2mkd::graph_forward);
-  m.impl("graph_backward", &m2mkd::graph_backward);
+TORCH_LIBRARY_IMPL(m2mkd_fast, CPU, m) {
+  m.impl("graph_cpp_philox", &m2mkd::philox_uniform);
+  m.impl("graph_cpp_sample", &m2mkd::graph_sample);
+  m.impl("graph_cpp_fwd", &m2mkd::graph_forward);
+  m.impl("graph_cpp_bwd", &m2mkd::graph_backward);
 }

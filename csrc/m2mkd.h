@@ -1,7 +1,7 @@
 // Shared declarations of the m2mkd_fast C++ CPU backend (m2mkd_fast._C).
 //
 // Every op lives in its own translation unit and registers its CPU kernels under the
-// torch.library namespace `m2mkd_fast_cpp` (schemas are defined once, in module.cpp).
+// torch.library namespace `m2mkd_fast` (schemas are defined once, in module.cpp).
 // Hot loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64-v2) through GCC
 // target attributes and picked at run time from the CPU's features, because the extension
 // itself is built for x86-64-v2 only.

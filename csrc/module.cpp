@@ -1,8 +1,9 @@
 // m2mkd_fast._C: the Python module and the schemas of every C++ op.
 //
-// The ops are registered with torch.library under the namespace `m2mkd_fast_cpp` (CPU kernels
-// in the op files; fake kernels and autograd in m2mkd_fast/cpp_backend/) and are called as
-// torch.ops.m2mkd_fast_cpp.<name>. The Python module itself only exposes build information
+// The ops are registered with torch.library in the package's one namespace `m2mkd_fast`, named
+// <family>_cpp_<stage> (CPU kernels in the op files; fake kernels and autograd in
+// m2mkd_fast/cpp_backend/), and are called as torch.ops.m2mkd_fast.<name>. The Python custom
+// ops of the other backends add to the same namespace, hence a fragment. The Python module itself only exposes build information
 // and the instruction-set switch used by the tests.
 #include <torch/extension.h>
 
@@ -64,44 +65,44 @@ std::string isa_name(Isa isa) {
 
 }  // namespace m2mkd
 
-TORCH_LIBRARY(m2mkd_fast_cpp, m) {
+TORCH_LIBRARY_FRAGMENT(m2mkd_fast, m) {
   // graph.cpp (the shared Philox stream)
-  m.def("philox_uniform(int seed, Tensor offsets) -> Tensor");
+  m.def("graph_cpp_philox(int seed, Tensor offsets) -> Tensor");
   // graph.cpp
   m.def(
-      "graph_sample(Tensor logit, Tensor row, Tensor col, int batch, int num_receivers, "
-      "int num_senders, int seed, float temperature) -> (Tensor, Tensor)");
+      "graph_cpp_sample(Tensor logit, Tensor row, Tensor col, int batch, int num_receivers, "
+      "int num_senders, Tensor seed, float temperature) -> (Tensor, Tensor)");
   m.def(
-      "graph_forward(Tensor q, Tensor k, Tensor v, Tensor row_ptr, Tensor col, Tensor bias, "
+      "graph_cpp_fwd(Tensor q, Tensor k, Tensor v, Tensor row_ptr, Tensor col, Tensor bias, "
       "float scale) -> (Tensor, Tensor)");
   m.def(
-      "graph_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "graph_cpp_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor row_ptr, Tensor col, Tensor bias, float scale, bool bias_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // readin.cpp
   m.def(
-      "readin_forward(Tensor q, Tensor x, Tensor w_k, Tensor w_v, Tensor s_k, Tensor s_v, Tensor? b_v) "
+      "readin_cpp_fwd(Tensor q, Tensor x, Tensor w_k, Tensor w_v, Tensor s_k, Tensor s_v, Tensor? b_v) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "readin_backward(Tensor grad_m, Tensor q, Tensor x, Tensor w_k, Tensor w_v, Tensor s_k, Tensor s_v, "
+      "readin_cpp_bwd(Tensor grad_m, Tensor q, Tensor x, Tensor w_k, Tensor w_v, Tensor s_k, Tensor s_v, "
       "Tensor tk, Tensor a, Tensor lse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // routing.cpp
-  m.def("route_topk(Tensor scores, int k) -> Tensor");
+  m.def("routing_cpp_topk(Tensor scores, int k) -> Tensor");
   m.def(
-      "route_slots(Tensor expert, Tensor? priority, int num_experts, int capacity, int group_size) "
+      "routing_cpp_slots(Tensor expert, Tensor? priority, int num_experts, int capacity, int group_size) "
       "-> (Tensor, Tensor)");
   // moe.cpp
   m.def(
-      "moe_forward(Tensor x, Tensor expert, Tensor slot, Tensor weight, Tensor w1, Tensor? b1, Tensor w2, "
+      "moe_cpp_fwd(Tensor x, Tensor expert, Tensor slot, Tensor weight, Tensor w1, Tensor? b1, Tensor w2, "
       "Tensor? b2, str approximate, bool save) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "moe_backward(Tensor grad_y, Tensor x, Tensor expert, Tensor slot, Tensor weight, Tensor w1, Tensor w2, "
+      "moe_cpp_bwd(Tensor grad_y, Tensor x, Tensor expert, Tensor slot, Tensor weight, Tensor w1, Tensor w2, "
       "Tensor hidden, Tensor out, str approximate, bool bias_grads) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "m2mkd_fast C++ CPU kernels; the ops are torch.ops.m2mkd_fast_cpp.*";
+  m.doc() = "m2mkd_fast C++ CPU kernels; the ops are torch.ops.m2mkd_fast.<family>_cpp_*";
   m.def("detected_isa", []() { return m2mkd::isa_name(m2mkd::detected_isa()); },
         "Best instruction set this CPU offers to the kernels");
   m.def("active_isa", []() { return m2mkd::isa_name(m2mkd::active_isa()); },

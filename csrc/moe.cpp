@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 }  // namespace m2mkd
 
-TORCH_LIBRARY_IMPL(m2mkd_fast_cpp, CPU, m) {
-  m.impl("moe_forward", &m2mkd::moe_forward);
-  m.impl("moe_backward", &m2mkd::moe_backward);
+TORCH_LIBRARY_IMPL(m2mkd_fast, CPU, m) {
+  m.impl("moe_cpp_fwd", &m2mkd::moe_forward);
+  m.impl("moe_cpp_bwd", &m2mkd::moe_backward);
 }

@@ -327,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 }  // namespace m2mkd
 
-TORCH_LIBRARY_IMPL(m2mkd_fast_cpp, CPU, m) {
-  m.impl("readin_forward", &m2mkd::readin_forward);
-  m.impl("readin_backward", &m2mkd::readin_backward);
+TORCH_LIBRARY_IMPL(m2mkd_fast, CPU, m) {
+  m.impl("readin_cpp_fwd", &m2mkd::readin_forward);
+  m.impl("readin_cpp_bwd", &m2mkd::readin_backward);
 }

@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> route_slots(const at::Tensor& expert_in, cons
 }  // namespace
 }  // namespace m2mkd
 
-TORCH_LIBRARY_IMPL(m2mkd_fast_cpp, CPU, m) {
-  m.impl("route_topk", &m2mkd::route_topk);
-  m.impl("route_slots", &m2mkd::route_slots);
+TORCH_LIBRARY_IMPL(m2mkd_fast, CPU, m) {
+  m.impl("routing_cpp_topk", &m2mkd::route_topk);
+  m.impl("routing_cpp_slots", &m2mkd::route_slots);
 }

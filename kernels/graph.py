@@ -32,25 +32,22 @@ Launchers only; no autograd here (see m2mkd_fast.triton_backend.graph).
 """
 
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
+from .common import dot
+
 _FP32_EPS = float(torch.finfo(torch.float32).eps)
 _LOG2E = 1.4426950408889634
 _LN2 = math.log(2.0)
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# Tiles and launch configs per kernel and GPU generation, checked ahead of time (aot_specs,
-# m2mkd_fast.kernels.report): (kind, 16-bit dtype?, head dim > 64?, sample mode) →
+# Tiles and launch configs per kernel and GPU generation, checked ahead of time (kernels.aot.graph,
+# m2mkd_fast.kernels.aot.report): (kind, 16-bit dtype?, head dim > 64?, sample mode) →
 # (BLOCK_U, BLOCK_V, num_warps allowed, num_stages allowed). The tensor-core dots need M ≥ 64 for
 # wgmma (BLOCK_U in fwd/dq, BLOCK_V in dk/dv); registers bound the rest: the backward holds
 # P, dP, dS, the sample and its derivative live beside three accumulators (dq and Σ g·ŝ_s, or
@@ -158,16 +155,6 @@ _TUNE_KEY = ["HEAD_DIM", "SIG_DIM", "BLOCK_U", "BLOCK_V", "SAMPLE", "DOT_F32", "
 # --------------------------------------------------------------------------------------------
 # device helpers
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; DOT_F32 casts operands to fp32 (the interpreter's
-    bf16 dot is broken; the fp32 products of bf16 values are exact, as on the tensor core)."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PREC)
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -300,7 +287,7 @@ def _fwd_kernel(
         elif SAMPLE == 2:
             ell = tl.load(LB + (b * U + offs_u[:, None]) * V + offs_v[None, :], mask=ell > float("-inf"),
                           other=float("-inf"))
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
+        qk = dot(q, tl.trans(k), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
         s = qk * qk_scale + ell * LOG2E
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -308,7 +295,7 @@ def _fwd_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = _dot(_cast(p, v.dtype, DOT_F32), v, acc, DOT_F32, DOT_PREC)
+        acc = dot(_cast(p, v.dtype, DOT_F32), v, acc, DOT_F32, DOT_PREC)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -412,11 +399,11 @@ def _bwd_dq_kernel(
                 jac = tl.load(JAC + offs_n, mask=kept, other=0.0)
             else:
                 ell_b = ell
-            qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
+            qk = dot(q, tl.trans(k), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
             p = tl.math.exp2(qk * qk_scale + ell_b * LOG2E - lse[:, None])
-            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
+            dp = dot(do, tl.trans(v), tl.zeros([BLOCK_U, BLOCK_V], tl.float32), DOT_F32, DOT_PREC)
             ds = p * (dp - delta[:, None])
-            dq = _dot(_cast(ds, k.dtype, DOT_F32), k, dq, DOT_F32, DOT_PREC)
+            dq = dot(_cast(ds, k.dtype, DOT_F32), k, dq, DOT_F32, DOT_PREC)
             if SIG_GRAD:
                 if SAMPLE:
                     g = tl.where(kept, ds * jac, 0.0)
@@ -503,12 +490,12 @@ def _bwd_dkdv_kernel(
                 jac = tl.load(JAC + offs_n, mask=kept, other=0.0)
             else:
                 ell_b = ell
-            kq = _dot(k, tl.trans(q), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
+            kq = dot(k, tl.trans(q), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
             pt = tl.math.exp2(kq * qk_scale + ell_b * LOG2E - lse[None, :])
-            dv = _dot(_cast(pt, do.dtype, DOT_F32), do, dv, DOT_F32, DOT_PREC)
-            dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
+            dv = dot(_cast(pt, do.dtype, DOT_F32), do, dv, DOT_F32, DOT_PREC)
+            dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_V, BLOCK_U], tl.float32), DOT_F32, DOT_PREC)
             dst = pt * (dpt - delta[None, :])
-            dk = _dot(_cast(dst, q.dtype, DOT_F32), q, dk, DOT_F32, DOT_PREC)
+            dk = dot(_cast(dst, q.dtype, DOT_F32), q, dk, DOT_F32, DOT_PREC)
             if SIG_GRAD:
                 if SAMPLE:
                     g = tl.where(kept, dst * jac, 0.0)
@@ -795,100 +782,3 @@ def backward(do, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature: Option
         if sig_grad:
             rr_sum, rs_sum, db_sum = rr_sum + rr.sum(0), rs_sum + rs.sum(0), db_sum + db.sum()
     return dq, dk, dv, rr_sum, rs_sum, db_sum
-
-
-# --------------------------------------------------------------------------------------------
-# ahead-of-time compilation specs (m2mkd_fast.kernels.report)
-# --------------------------------------------------------------------------------------------
-
-_POINTER_ARGS = {
-    "Q": "io", "K": "io", "Vt": "io", "O": "io", "DO": "io", "DQ": "io", "DK": "io", "DV": "io",
-    "LSE": "*fp32", "DELTA": "*fp32", "ELL": "*fp32", "SS": "*fp32", "SR": "*fp32", "RR": "*fp32",
-    "RS": "*fp32", "DB": "*fp32", "CNT": "*i32", "LST": "*i32", "LB": "*fp32", "JAC": "*fp32",
-}
-_FLOAT_ARGS = {"inv_t", "qk_scale", "sm_scale"}
-
-
-def _aot_signature(fn, io_type: str, constexprs: dict) -> tuple[dict, tuple]:
-    """Triton types of every argument as the JIT sees them at the benchmark shapes: contiguous
-    tensors (innermost stride 1, specialised to a constexpr), other strides multiples of 16."""
-    signature, divisible = {}, []
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _POINTER_ARGS:
-            kind = _POINTER_ARGS[name]
-            signature[name] = f"*{io_type}" if kind == "io" else kind
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        elif name == "seed":
-            signature[name] = "i64"
-        else:
-            signature[name] = "i32"
-            if name.startswith("s") and not name.endswith("c"):
-                divisible.append(name)  # head/batch/row strides: multiples of C = 64
-    return signature, tuple(divisible)
-
-
-_AOT_KERNELS = {
-    "fwd": ("graph_attention_fwd", "_fwd_kernel"),
-    "dq": ("graph_attention_bwd_dq", "_bwd_dq_kernel"),
-    "dkdv": ("graph_attention_bwd_dkdv", "_bwd_dkdv_kernel"),
-}
-
-
-def aot_spec_list(kind: str, dtype: torch.dtype, C: int, sample, arch: int = 90, blocks=None, configs=None) -> list:
-    """KernelSpecs of kernel ``kind`` for one (dtype, head dim, mode, GPU generation): the
-    launcher's tiles and every autotune config it may pick there (or the given ``blocks`` /
-    ``configs``: (warps, stages) pairs). sample: 0/False deterministic, 1/True sampled in the
-    kernel, 2 sampled from the per-pass cache."""
-    sample = int(sample)
-    from .aot import KernelSpec, jit_function
-
-    name, attr = _AOT_KERNELS[kind]
-    kernel = globals()[attr]
-    io_type = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    dot_f32, prec, sig_prec = _dot_flags(dtype, interpret=False)
-    bu, bv = blocks or default_blocks(kind, C, dtype, 1 << 20, 1 << 20, sample, interpret=False, arch=arch)
-    constexprs = dict(HEAD_DIM=C, C_PAD=C, SIG_DIM=64, BLOCK_U=bu, BLOCK_V=bv, SAMPLE=sample,
-                      DOT_F32=dot_f32, DOT_PREC=prec, EPS=_FP32_EPS)
-    if kind != "fwd":
-        constexprs.update(S_PAD=64, SIG_GRAD=True, SIG_PREC=sig_prec)
-    fn = jit_function(kernel)
-    constexprs.update({a: 1 for a in fn.arg_names if a.startswith("s") and a.endswith("c")})
-    signature, divisible = _aot_signature(fn, io_type, constexprs)
-    if configs is None:
-        _, _, warps, stages = _tile_entry(kind, dtype != torch.float32, C, sample, arch)
-        configs = [(w, st) for w in warps for st in stages]
-    variant = f"C={C},{('deterministic', 'sampled', 'cached sample')[sample]},BU={bu},BV={bv}"
-    return [
-        KernelSpec(name, fn, signature, dict(constexprs), io_type, w, st, f"{variant},w{w},s{st}", True, divisible,
-                   (arch,))
-        for w, st in configs
-    ]
-
-
-def aot_specs():
-    """KernelSpecs of every kernel here, for the GPU builds (bf16 and fp32; C = 64 and 128;
-    sampled and deterministic; signature gradients on), sampled C=64 first per kernel and dtype."""
-    from .aot import KernelSpec, jit_function, specs_for_configs
-
-    specs = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for C in (64, 128):
-            for sample in (2, 1, 0):
-                for kind in _AOT_KERNELS:
-                    for arch in ARCHS:
-                        specs.extend(aot_spec_list(kind, dtype, C, sample, arch))
-        io_type = "bf16" if dtype == torch.bfloat16 else "fp32"
-        delta_const = dict(HEAD_DIM=64, C_PAD=64, BLOCK_U=64, soc=1, sdc=1)
-        signature, divisible = _aot_signature(_bwd_delta_kernel, io_type, delta_const)
-        specs.extend(specs_for_configs("graph_attention_bwd_delta", _bwd_delta_kernel, signature, delta_const, io_type,
-                                       False, divisible))
-    fn = jit_function(_sample_kernel)
-    for need_jac in (True, False):
-        constexprs = dict(BLOCK_U=32, BLOCK_V=64, NEED_JAC=need_jac, EPS=_FP32_EPS)
-        signature, divisible = _aot_signature(fn, "fp32", constexprs)
-        specs.append(KernelSpec("graph_attention_sample", fn, signature, constexprs, "fp32", 8, 3,
-                                f"BU=32,BV=64,{'with' if need_jac else 'without'} derivative,w8,s3", False, ()))
-    return specs

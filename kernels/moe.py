@@ -41,21 +41,18 @@ bf16 casts; see ``routing.round_to``). Intermediates Z, A, dZ and the per-pair o
 stored in the input dtype, as a framework MLP stores its activations.
 """
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .routing import device_function, dispatch_indices, round_to
+from . import interpreting
+from .common import device_function, round_to
+from .routing import dispatch_indices
 
-ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1}
+_ACT = {"none": 0, "tanh": 1}  # GELU approximation (as F.gelu's approximate) -> the kernels' ACT
 _PART = 32  # column granularity of the routing-weight gradient's partial sums
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,9 +76,9 @@ def _tensor_core_tiles():
 
 
 # Per kernel family and operand width; every GPU config was compiled for sm_80 and sm_90a with the
-# wheel's ptxas and none spills (see aot_specs and m2mkd_fast.kernels.report). fp32 operands use
+# wheel's ptxas and none spills (see m2mkd_fast.kernels.aot.moe and m2mkd_fast.kernels.aot.report). fp32 operands use
 # "ieee" dots (FMA, no tensor cores) unless torch allows TF32: small tiles, else they spill.
-if _interpreting():
+if interpreting():
     _CONFIGS = {
         "gemm": {"16bit": [_gemm_cfg(32, 32, 16, 1, 1)], "fp32": []},
         "dz": {"16bit": [_gemm_cfg(32, 32, 16, 1, 1)], "fp32": []},
@@ -123,7 +120,7 @@ def configs(family: str, operand_bytes: Optional[int] = None) -> list:
 
 
 def _prune(configs, named_args, **kwargs):
-    if _interpreting():
+    if interpreting():
         return configs
     args = {**named_args, **kwargs}
     operand = next(args[n] for n in ("X", "SRC", "DY", "L") if n in args)
@@ -485,7 +482,7 @@ def rows_hint(P: int) -> int:
 
 
 def _dot_settings(dtype: torch.dtype) -> dict:
-    interp = _interpreting()
+    interp = interpreting()
     if dtype == torch.float32:
         precision = "tf32" if (not interp and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     else:
@@ -495,12 +492,12 @@ def _dot_settings(dtype: torch.dtype) -> dict:
 
 def _combine(src: torch.Tensor, row_of_pair: torch.Tensor, out: torch.Tensor, k: int) -> None:
     T, N = out.shape
-    block_t = 32 if _interpreting() else 16
-    block_n = 32 if _interpreting() else min(256, triton.next_power_of_2(N))
+    block_t = 32 if interpreting() else 16
+    block_n = 32 if interpreting() else min(256, triton.next_power_of_2(N))
     grid = (triton.cdiv(T, block_t) * triton.cdiv(N, block_n),)
     _moe_combine_kernel[grid](
         src, row_of_pair, out, T, N, out.stride(0), out.stride(1),
-        TOPK=k, BF16_RTNE=_interpreting(), BLOCK_T=block_t, BLOCK_N=block_n,
+        TOPK=k, BF16_RTNE=interpreting(), BLOCK_T=block_t, BLOCK_N=block_n,
     )
 
 
@@ -524,22 +521,22 @@ def moe_forward(
     b1: Optional[torch.Tensor],
     w2: torch.Tensor,
     b2: Optional[torch.Tensor],
-    activation: str,
+    approximate: str,
     save_for_backward: bool,
 ):
     """Grouped expert MLP forward.
 
     x [T, d] · expert, slot [T, k] int64 · weight [T, k] · w1 [E, d, h] · b1 [E, h] | None ·
-    w2 [E, h, d] · b2 [E, d] | None → (y [T, d], Z [T·k or 0, h], A [T·k, h],
-    pair_of_row [T·k] int32, row_of_pair [T·k] int32, offsets [E+1] int32). Z (the
-    pre-activation) is only computed when ``save_for_backward``.
+    w2 [E, h, d] · b2 [E, d] | None · approximate "none" | "tanh" (the GELU) → (y [T, d],
+    Z [T·k or 0, h], A [T·k, h], pair_of_row [T·k] int32, row_of_pair [T·k] int32, offsets
+    [E+1] int32). Z (the pre-activation) is only computed when ``save_for_backward``.
     """
     T, d = x.shape
     E, _, h = w1.shape
     k = expert.shape[1]
     P = T * k
     dev, dt = x.device, x.dtype
-    act = ACTIVATIONS[activation]
+    act = _ACT[approximate]
     expert = expert.contiguous()
     slot = slot.contiguous()
     weight = weight.contiguous()
@@ -557,10 +554,10 @@ def moe_forward(
         d, h, E, rows_hint(P), x.stride(0), x.stride(1), *w1.stride(), *(b1.stride() if b1 is not None else (0, 0)),
         TOPK=k, E_P2=e_p2, HAS_BIAS=b1 is not None, SAVE_Z=save_for_backward, ACT=act, **dot,
     )
-    block_t = 32 if _interpreting() else 64
+    block_t = 32 if interpreting() else 64
     _moe_fill_tail_kernel[(triton.cdiv(P, block_t),)](
         z, a, pair_of_row, offsets, P, h, E, SAVE_Z=save_for_backward, BLOCK_T=block_t,
-        BLOCK_N=32 if _interpreting() else min(128, triton.next_power_of_2(h)),
+        BLOCK_N=32 if interpreting() else min(128, triton.next_power_of_2(h)),
     )
     y_pairs = torch.empty((P, d), dtype=dt, device=dev)
     _scatter_gemm(a, w2, b2, weight.reshape(-1), y_pairs, pair_of_row, offsets, h, d, w2.stride(), True, **dot)
@@ -582,7 +579,7 @@ def moe_backward(
     pair_of_row: torch.Tensor,
     row_of_pair: torch.Tensor,
     offsets: torch.Tensor,
-    activation: str,
+    approximate: str,
     need_dx: bool = True,
     need_dweight: bool = True,
     need_dw1: bool = True,
@@ -598,7 +595,7 @@ def moe_backward(
     k = expert.shape[1]
     P = T * k
     dev, dt = x.device, x.dtype
-    act = ACTIVATIONS[activation]
+    act = _ACT[approximate]
     empty = lambda ref: torch.empty((0,), dtype=ref.dtype, device=dev)  # noqa: E731
     dx = torch.empty((T, d), dtype=dt, device=dev) if need_dx else empty(x)
     dweight = torch.empty((T, k), dtype=weight.dtype, device=dev) if need_dweight else empty(weight)
@@ -628,8 +625,8 @@ def moe_backward(
     dyw = torch.empty((P if need_dw2 else 0, d), dtype=dt, device=dev)
     has_b2 = b2 is not None
     if need_dweight or need_dw2:
-        block_p = 32 if _interpreting() else 64
-        block_c = 32 if _interpreting() else 64
+        block_p = 32 if interpreting() else 64
+        block_c = 32 if interpreting() else 64
         _moe_pair_grad_kernel[(triton.cdiv(P, block_p),)](
             part if need_dweight else dyw, row_of_pair, expert, weight, dy, b2 if has_b2 else dy, dweight, dyw,
             P, npart, d, dy.stride(0), dy.stride(1), *(b2.stride() if has_b2 else (0, 0)),
@@ -651,8 +648,8 @@ def moe_backward(
         )
 
     def bias_grad(rhs, out, N):
-        block_k = 32 if _interpreting() else 32
-        block_n = 32 if _interpreting() else min(128, triton.next_power_of_2(N))
+        block_k = 32 if interpreting() else 32
+        block_n = 32 if interpreting() else min(128, triton.next_power_of_2(N))
         _moe_bias_grad_kernel[(E * triton.cdiv(N, block_n),)](
             rhs, out, offsets, N, E, out.stride(0), out.stride(1),
             BF16_RTNE=dot["BF16_RTNE"], BLOCK_K=block_k, BLOCK_N=block_n,
@@ -667,73 +664,3 @@ def moe_backward(
         if has_b2:
             bias_grad(dyw, db2, d)
     return dx, dweight, dw1, db1, dw2, db2
-
-
-# --------------------------------------------------------------------------------------------
-# ahead-of-time compilation specs (m2mkd_fast.kernels.report)
-# --------------------------------------------------------------------------------------------
-def aot_specs() -> list:
-    """KernelSpecs of every kernel, autotune config and dtype at the V-MoE-B shape (d = 768,
-    h = 3072, E = 8, k = 2, contiguous tensors: unit strides are specialised as the JIT does)."""
-    from .aot import KernelSpec, jit_function
-
-    def spec(name, kernel, dtype, pointers, constexprs, cfg=None, uses_dot=True):
-        fn = jit_function(kernel)
-        values = dict(constexprs)
-        warps, stages, label = 4, 2, ""
-        if cfg is not None:
-            values.update(cfg.kwargs)
-            warps, stages = cfg.num_warps, cfg.num_stages
-            label = ",".join(f"{k}={v}" for k, v in sorted(cfg.kwargs.items())) + f",w{warps},s{stages}"
-        signature, divisible = {}, []
-        for arg in fn.arg_names:
-            if arg in values:
-                signature[arg] = "constexpr"
-            elif arg in pointers:
-                signature[arg] = pointers[arg]
-            else:
-                signature[arg] = "i32"
-                divisible.append(arg)
-        return KernelSpec(name, fn, signature, values, dtype, warps, stages, label, uses_dot, tuple(divisible))
-
-    specs = []
-    for dtype in ("bf16", "fp32"):
-        p = f"*{dtype}"
-        elem = 2 if dtype == "bf16" else 4
-        dot = {"DOT_FP32": False, "PRECISION": "ieee", "BF16_RTNE": False}
-        common = {"E_P2": 8, **dot}
-        for cfg in configs("gemm", elem):
-            specs.append(spec("moe_fc1", _moe_fc1_kernel, dtype,
-                              {"X": p, "W": p, "BIAS": p, "Z": p, "A": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"},
-                              {"stride_xk": 1, "stride_wn": 1, "stride_bn": 1, "TOPK": 2, "HAS_BIAS": True,
-                               "SAVE_Z": True, "ACT": 0, **common}, cfg))
-            ptrs = {"SRC": p, "W": p, "BIAS": p, "WEIGHT": p, "OUT": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"}
-            specs.append(spec("moe_fc2", _moe_scatter_kernel, dtype, ptrs,
-                              {"stride_wn": 1, "stride_bn": 1, "HAS_BIAS": True, "HAS_SCALE": True, **common}, cfg))
-            specs.append(spec("moe_bwd_dx", _moe_scatter_kernel, dtype, ptrs,
-                              {"stride_wk": 1, "stride_bn": 1, "HAS_BIAS": False, "HAS_SCALE": False, **common}, cfg))
-        for cfg in configs("dz", elem):
-            specs.append(spec("moe_bwd_dz", _moe_dz_kernel, dtype,
-                              {"DY": p, "W": p, "WEIGHT": p, "Z": p, "A": p, "DZ": p, "PART": "*fp32",
-                               "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"},
-                              {"stride_dyk": 1, "stride_wk": 1, "TOPK": 2, "ACT": 0, "NEED_PART": True, **common}, cfg))
-        for cfg in configs("wgrad", elem):
-            ptrs = {"L": p, "R": p, "W": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"}
-            base = {"stride_l1": 1, "stride_wn": 1, "TOPK": 2, **dot}
-            specs.append(spec("moe_bwd_dw1", _moe_wgrad_kernel, dtype, ptrs, {**base, "L_GATHER": True}, cfg))
-            specs.append(spec("moe_bwd_dw2", _moe_wgrad_kernel, dtype, ptrs, {**base, "L_GATHER": False}, cfg))
-        specs.append(spec("moe_fill_tail", _moe_fill_tail_kernel, dtype,
-                          {"Z": p, "A": p, "PAIR_OF_ROW": "*i32", "OFFSETS": "*i32"},
-                          {"SAVE_Z": True, "BLOCK_T": 64, "BLOCK_N": 128}, uses_dot=False))
-        specs.append(spec("moe_combine", _moe_combine_kernel, dtype,
-                          {"SRC": p, "ROW_OF_PAIR": "*i32", "OUT": p},
-                          {"stride_on": 1, "TOPK": 2, "BF16_RTNE": False, "BLOCK_T": 16, "BLOCK_N": 256}, uses_dot=False))
-        specs.append(spec("moe_bwd_pair_grad", _moe_pair_grad_kernel, dtype,
-                          {"PART": "*fp32", "ROW_OF_PAIR": "*i32", "EXPERT": "*i64", "WEIGHT": p, "DY": p, "BIAS": p,
-                           "DWEIGHT": p, "DYW": p},
-                          {"stride_dyd": 1, "stride_bd": 1, "TOPK": 2, "HAS_BIAS": True, "NEED_DWEIGHT": True,
-                           "NEED_DYW": True, "BF16_RTNE": False, "BLOCK_P": 64, "BLOCK_C": 64}, uses_dot=False))
-        specs.append(spec("moe_bwd_bias", _moe_bias_grad_kernel, dtype,
-                          {"R": p, "DB": p, "OFFSETS": "*i32"},
-                          {"stride_bn": 1, "BF16_RTNE": False, "BLOCK_K": 32, "BLOCK_N": 128}, uses_dot=False))
-    return specs

@@ -32,45 +32,24 @@ dropped) and ``offsets`` [E+1] int32. Nothing is read back on the host; sizes ar
 ``route_backward`` (``_route_bwd_kernel``, grid (cdiv(T, BLOCK_T),)): d logits from d weight.
 """
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import interpreting
+from .common import round_to
 
 
 def _row_block(e_p2: int) -> int:
     """Tokens (or pairs) per program so that a [block, E_P2] one-hot tile stays ~2K elements."""
-    if _interpreting():
+    if interpreting():
         return 32  # the interpreter's cost is per program and op, not per element
     return max(16, min(256, 2048 // e_p2))
 
 
-_SCAN_ROWS = 16 if _interpreting() else 64
-
-
-def device_function(fn):
-    """``triton.jit`` for a GPU build. Under the interpreter a plain function instead: called
-    from an interpreted kernel it runs on the same patched ``triton.language``, while a nested
-    jit function call re-patches the language first (~5 ms per call in Triton 3.8)."""
-    return fn if _interpreting() else triton.jit(fn)
-
-
-@device_function
-def round_to(x, DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr):
-    """``x.to(DTYPE)`` rounding to nearest even. The Triton interpreter (3.8) truncates fp32 →
-    bf16 casts; launchers set BF16_RTNE under it so the bits match a GPU's cvt.rn (subnormals
-    still flush to zero there). On a GPU BF16_RTNE is False and this is a plain cast."""
-    if BF16_RTNE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
-    return x.to(DTYPE)
+_SCAN_ROWS = 16 if interpreting() else 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +307,7 @@ def route_forward(
     _route_gate_kernel[(G * NB,)](
         logits, expert, weight, hist, S, NB, E, logits.stride(0), logits.stride(1),
         K=k, K_P2=max(2, triton.next_power_of_2(k)), GATE_VMOE=gate_vmoe, WRITE_HIST=not batch_priority,
-        BLOCK_T=block_t, E_P2=e_p2, BF16_RTNE=_interpreting(),
+        BLOCK_T=block_t, E_P2=e_p2, BF16_RTNE=interpreting(),
     )
     perm = expert  # unused placeholder when there is no batch priority
     if batch_priority:
@@ -358,7 +337,7 @@ def route_backward(grad_weight: torch.Tensor, logits: torch.Tensor, expert: torc
     _route_bwd_kernel[(triton.cdiv(T, block_t),)](
         logits, expert.contiguous(), grad_weight, grad_logits, T, E,
         logits.stride(0), logits.stride(1), grad_weight.stride(0), grad_weight.stride(1),
-        K=k, GATE_VMOE=gate_vmoe, BLOCK_T=block_t, E_P2=e_p2, BF16_RTNE=_interpreting(),
+        K=k, GATE_VMOE=gate_vmoe, BLOCK_T=block_t, E_P2=e_p2, BF16_RTNE=interpreting(),
     )
     return grad_logits
 
@@ -393,77 +372,3 @@ def dispatch_indices(expert: torch.Tensor, slot: torch.Tensor, num_experts: int)
         expert, slot, start, row_of_pair, pair_of_row, P, num_experts, BLOCK_P=block_p, E_P2=e_p2,
     )
     return pair_of_row, row_of_pair, offsets
-
-
-# --------------------------------------------------------------------------------------------
-# ahead-of-time compilation specs (m2mkd_fast.kernels.report): every kernel, both dtypes
-# --------------------------------------------------------------------------------------------
-def aot_specs() -> list:
-    """KernelSpecs of the routing and dispatch kernels at a V-MoE shape (E = 8, k = 2)."""
-    from .aot import KernelSpec
-
-    e_p2, k = 8, 2
-    block = _row_block(e_p2)
-    specs = []
-    for dtype in ("fp32", "bf16"):
-        ptr = f"*{dtype}"
-        specs.append(KernelSpec(
-            "moe_route_gate", _route_gate_kernel,
-            {"LOGITS": ptr, "EXPERT": "*i64", "WEIGHT": ptr, "HIST": "*i32", "S": "i32", "NB": "i32", "E": "i32",
-             "stride_lt": "i32", "stride_le": "constexpr", "K": "constexpr", "K_P2": "constexpr",
-             "GATE_VMOE": "constexpr", "WRITE_HIST": "constexpr", "BLOCK_T": "constexpr", "E_P2": "constexpr",
-             "BF16_RTNE": "constexpr"},
-            {"stride_le": 1, "K": k, "K_P2": 2, "GATE_VMOE": True, "WRITE_HIST": True, "BLOCK_T": block,
-             "E_P2": e_p2, "BF16_RTNE": False},
-            dtype, num_warps=4, config=f"BLOCK_T={block}",
-        ))
-        specs.append(KernelSpec(
-            "moe_route_backward", _route_bwd_kernel,
-            {"LOGITS": ptr, "EXPERT": "*i64", "GRAD_W": ptr, "GRAD_L": ptr, "T": "i32", "E": "i32",
-             "stride_lt": "i32", "stride_le": "constexpr", "stride_gt": "i32", "stride_gk": "constexpr",
-             "K": "constexpr", "GATE_VMOE": "constexpr", "BLOCK_T": "constexpr", "E_P2": "constexpr",
-             "BF16_RTNE": "constexpr"},
-            {"stride_le": 1, "stride_gk": 1, "K": k, "GATE_VMOE": True, "BLOCK_T": block, "E_P2": e_p2,
-             "BF16_RTNE": False},
-            dtype, num_warps=4, config=f"BLOCK_T={block}",
-        ))
-    # integer-only kernels: listed once, under the index dtype
-    specs.append(KernelSpec(
-        "moe_route_hist", _route_hist_kernel,
-        {"EXPERT": "*i64", "PERM": "*i64", "HIST": "*i32", "S": "i32", "NB": "i32",
-         "K": "constexpr", "BLOCK_T": "constexpr", "E_P2": "constexpr"},
-        {"K": k, "BLOCK_T": block, "E_P2": e_p2}, "i64", num_warps=4, config=f"BLOCK_T={block}",
-    ))
-    specs.append(KernelSpec(
-        "moe_route_scan", _route_scan_kernel,
-        {"HIST": "*i32", "START": "*i32", "COUNTS": "*i64", "KNB": "i32", "E": "i32", "CAPACITY": "i32",
-         "HAS_CAPACITY": "constexpr", "BLOCK_R": "constexpr", "E_P2": "constexpr"},
-        {"HAS_CAPACITY": True, "BLOCK_R": _SCAN_ROWS, "E_P2": e_p2}, "i32", num_warps=4, config=f"BLOCK_R={_SCAN_ROWS}",
-    ))
-    specs.append(KernelSpec(
-        "moe_route_slot", _route_slot_kernel,
-        {"EXPERT": "*i64", "PERM": "*i64", "START": "*i32", "SLOT": "*i64", "S": "i32", "NB": "i32",
-         "CAPACITY": "i32", "K": "constexpr", "HAS_PERM": "constexpr", "HAS_CAPACITY": "constexpr",
-         "BLOCK_T": "constexpr", "E_P2": "constexpr"},
-        {"K": k, "HAS_PERM": True, "HAS_CAPACITY": True, "BLOCK_T": block, "E_P2": e_p2},
-        "i64", num_warps=4, config=f"BLOCK_T={block}",
-    ))
-    specs.append(KernelSpec(
-        "moe_dispatch_hist", _dispatch_hist_kernel,
-        {"EXPERT": "*i64", "SLOT": "*i64", "HIST": "*i32", "P": "i32", "E": "i32",
-         "BLOCK_P": "constexpr", "E_P2": "constexpr"},
-        {"BLOCK_P": block, "E_P2": e_p2}, "i64", num_warps=4, config=f"BLOCK_P={block}",
-    ))
-    specs.append(KernelSpec(
-        "moe_dispatch_scan", _dispatch_scan_kernel,
-        {"HIST": "*i32", "START": "*i32", "OFFSETS": "*i32", "NBP": "i32", "E": "i32",
-         "BLOCK_R": "constexpr", "E_P2": "constexpr"},
-        {"BLOCK_R": _SCAN_ROWS, "E_P2": e_p2}, "i32", num_warps=4, config=f"BLOCK_R={_SCAN_ROWS}",
-    ))
-    specs.append(KernelSpec(
-        "moe_dispatch_scatter", _dispatch_scatter_kernel,
-        {"EXPERT": "*i64", "SLOT": "*i64", "START": "*i32", "ROW_OF_PAIR": "*i32", "PAIR_OF_ROW": "*i32",
-         "P": "i32", "E": "i32", "BLOCK_P": "constexpr", "E_P2": "constexpr"},
-        {"BLOCK_P": block, "E_P2": e_p2}, "i64", num_warps=4, config=f"BLOCK_P={block}",
-    ))
-    return specs

@@ -10,7 +10,11 @@ Each backend is a package with one module per op family (``routing``, ``moe``, `
 ``graph``), each exporting a function named after its op with the signature of
 ``m2mkd_fast.ops`` (already autograd-enabled): ``m2mkd_fast.torch_backend``,
 ``m2mkd_fast.cpp_backend`` and ``m2mkd_fast.triton_backend``. A missing module means the backend
-does not implement that op.
+does not implement that op. A module that cannot take every case of its op also exports
+``supports(*args) -> bool`` (the op's arguments; decided from shapes, dtypes and devices only):
+where it answers False, dispatch falls through to the next backend in the auto order — also
+after an explicit request, so asking for a backend never fails on a case it lacks. No backend
+imports another.
 """
 
 import contextlib
@@ -20,6 +24,8 @@ import os
 from typing import Callable, Iterator, Optional
 
 import torch
+
+from .kernels import interpreting
 
 BACKENDS = ("triton", "cpp", "torch")
 ENV_VAR = "M2MKD_BACKEND"
@@ -41,10 +47,6 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """Why backend ``name`` cannot run on ``device``, or None if it can."""
     device = torch.device(device)
@@ -58,14 +60,18 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
         if device.type == "cuda":
             return None
         if device.type == "cpu":
-            return None if _triton_interpreted() else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+            return None if interpreting() else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
         return f"Triton does not support {device.type} tensors"
     if name == "cpp":
         if device.type != "cpu":
             return f"the C++ backend runs on CPU tensors only, got {device.type} tensors"
         from . import cpp_jit
 
-        return cpp_jit.unavailable_reason()
+        reason = cpp_jit.unavailable_reason()
+        if reason is None and not hasattr(torch.ops.m2mkd_fast, "moe_cpp_fwd"):
+            reason = ("the C++ extension m2mkd_fast._C is out of date (it does not register the m2mkd_fast::<family>_cpp_* "
+                      "ops); rebuild it: python setup.py build_ext --inplace")
+        return reason
     raise ValueError(f"unknown backend {name!r}")
 
 
@@ -93,63 +99,89 @@ def requested_backend(argument: Optional[str] = None) -> str:
     return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
 
 
-_FAMILY = {"route": "routing", "moe_mlp": "moe", "readin_attention": "readin", "graph_attention": "graph"}
+_FAMILY = {"route": "routing", "vmoe_aux_loss": "routing", "moe_mlp": "moe", "readin_attention": "readin", "graph_attention": "graph"}
 
 
-def _lookup(name: str, op: str) -> Optional[Callable]:
+def _module(name: str, op: str):
     module_name = f"{_MODULES[name]}.{_FAMILY[op]}"
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name == module_name:
             return None
         raise
-    return getattr(module, op, None)
 
 
-def select(op: str, device: torch.device, backend: Optional[str] = None) -> tuple[str, Callable]:
-    """Return (backend name, implementation) of ``op`` for tensors on ``device``."""
+def _lookup(name: str, op: str) -> Optional[Callable]:
+    module = _module(name, op)
+    return None if module is None else getattr(module, op, None)
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    return ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+
+
+def candidates(op: str, device: torch.device, backend: Optional[str] = None) -> tuple[str, ...]:
+    """Backends that implement ``op`` and can run on ``device``, in the order dispatch tries
+    them: the requested one first (BackendUnavailable if it cannot run here or lacks the op),
+    then the rest of the auto order."""
     name = requested_backend(backend)
     device = torch.device(device)
+    order = _auto_order(device)
     if name != "auto":
         reason = unavailable_reason(name, device)
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {name!r} is unavailable: {reason}")
-        fn = _lookup(name, op)
-        if fn is None:
+        if _lookup(name, op) is None:
             raise BackendUnavailable(f"{op}: backend {name!r} does not implement this op")
-        return name, fn
-    preference = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
-    for candidate in preference:
-        if unavailable_reason(candidate, device) is None:
-            fn = _lookup(candidate, op)
-            if fn is not None:
-                return candidate, fn
-    raise BackendUnavailable(f"{op}: no backend implements this op")
+        order = (name,) + tuple(n for n in order if n != name)
+    found = tuple(n for n in order if unavailable_reason(n, device) is None and _lookup(n, op) is not None)
+    if not found:
+        raise BackendUnavailable(f"{op}: no backend implements this op")
+    return found
+
+
+def _supports(module, args: Optional[tuple]) -> bool:
+    check = getattr(module, "supports", None)
+    return args is None or check is None or check(*args)
+
+
+def select(op: str, device: torch.device, backend: Optional[str] = None, args: Optional[tuple] = None) -> tuple[str, Callable]:
+    """Return (backend name, implementation) of ``op`` for tensors on ``device``: the first of
+    :func:`candidates` whose module ``supports`` the op's arguments ``args`` (when given)."""
+    names = candidates(op, device, backend)
+    for name in names:
+        if _supports(_module(name, op), args):
+            return name, _lookup(name, op)
+    raise BackendUnavailable(f"{op}: none of the backends {names} supports these arguments")
 
 
 @torch.compiler.assume_constant_result
-def backend_name(op: str, device_type: str, device_index: Optional[int], requested: str) -> str:
-    """The backend ``select`` picks; evaluated outside dynamo once per trace."""
+def candidate_names(op: str, device_type: str, device_index: Optional[int], requested: str) -> tuple[str, ...]:
+    """:func:`candidates`, evaluated outside dynamo once per trace."""
     device = torch.device(device_type) if device_index is None else torch.device(device_type, device_index)
-    return select(op, device, requested)[0]
+    return candidates(op, device, requested)
 
 
-def select_backend(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
-    """``select(op, device, backend)``'s implementation, also while torch.compile traces.
+def select_backend(op: str, device: torch.device, backend: Optional[str] = None, args: Optional[tuple] = None) -> Callable:
+    """``select(op, device, backend, args)``'s implementation, also while torch.compile traces.
 
-    ``select`` probes imports, which dynamo cannot trace. Under compilation the choice is
-    made outside dynamo (``backend_name``, a constant per trace; it imports the module) and the
-    function is read as an attribute of the backend package, so the op stays inside one graph
-    and ``fullgraph=True`` works.
+    ``select`` probes imports, which dynamo cannot trace. Under compilation the candidates are
+    listed outside dynamo (``candidate_names``, a constant per trace; it imports the modules)
+    and each backend's module is read as an attribute of its package, so the op stays inside
+    one graph and ``fullgraph=True`` works.
     """
     if not torch.compiler.is_compiling():
-        return select(op, device, backend)[1]
-    name = backend_name(op, device.type, device.index, requested_backend(backend))
-    if name == "triton":
-        from . import triton_backend as package
-    elif name == "cpp":
-        from . import cpp_backend as package
-    else:
-        from . import torch_backend as package
-    return getattr(getattr(package, _FAMILY[op]), op)
+        return select(op, device, backend, args)[1]
+    names = candidate_names(op, device.type, device.index, requested_backend(backend))
+    for name in names:
+        if name == "triton":
+            from . import triton_backend as package
+        elif name == "cpp":
+            from . import cpp_backend as package
+        else:
+            from . import torch_backend as package
+        module = getattr(package, _FAMILY[op])
+        if _supports(module, args):
+            return getattr(module, op)
+    raise BackendUnavailable(f"{op}: none of the backends {names} supports these arguments")

@@ -26,7 +26,7 @@ class Roofline:
         return max(self.flops / flops_per_s, self.min_bytes / bytes_per_s)
 
 
-def moe_mlp(T: int, d: int, h: int, E: int, k: int, elem: int = 2, backward: bool = True) -> Roofline:
+def moe_mlp_roofline(T: int, d: int, h: int, E: int, k: int, elem: int = 2, backward: bool = True) -> Roofline:
     """Grouped expert MLP over T·k (token, expert) pairs, all kept."""
     fwd = 2 * T * k * (d * h + h * d)
     weights = E * (d * h + h + h * d + d) * elem
@@ -36,7 +36,7 @@ def moe_mlp(T: int, d: int, h: int, E: int, k: int, elem: int = 2, backward: boo
     return Roofline("moe_mlp", f"T={T} d={d} h={h} E={E} k={k}", "fwd+bwd", 3 * fwd, 3 * weights + 2 * tokens)
 
 
-def readin_attention(B: int, U: int, V: int, H: int, C: int, Din: int, elem: int = 2, backward: bool = True) -> Roofline:
+def readin_attention_roofline(B: int, U: int, V: int, H: int, C: int, Din: int, elem: int = 2, backward: bool = True) -> Roofline:
     """Folded read-in: attention of H·U queries of width Din over V shared keys=values, plus projections."""
     attention = 4 * B * H * U * V * Din
     projections = 2 * (2 * B * U * H * C * Din)
@@ -47,7 +47,7 @@ def readin_attention(B: int, U: int, V: int, H: int, C: int, Din: int, elem: int
     return Roofline("readin_attention", shape, "fwd+bwd", 3.5 * attention + 3 * projections, 2 * data)
 
 
-def graph_attention(B: int, H: int, U: int, V: int, C: int, density: float, S: int = 64, elem: int = 2, backward: bool = True) -> Roofline:
+def graph_attention_roofline(B: int, H: int, U: int, V: int, C: int, density: float, S: int = 64, elem: int = 2, backward: bool = True) -> Roofline:
     """Sparse attention over the kept fraction `density` of the U×V edges, affinities on the fly."""
     attention = 4 * B * H * U * V * C * density
     affinity = 2 * U * V * S
@@ -62,11 +62,11 @@ def benchmark_shapes() -> list[Roofline]:
     """The DESIGN §3 GPU benchmark shapes, bf16, forward and forward+backward."""
     rows = []
     for backward in (False, True):
-        rows.append(moe_mlp(25216, 768, 3072, 8, 2, backward=backward))
-        rows.append(readin_attention(128, 64, 64, 6, 64, 256, backward=backward))
-        rows.append(readin_attention(128, 192, 784, 8, 64, 320, backward=backward))
-        rows.append(graph_attention(128, 6, 256, 320, 64, 0.22, backward=backward))
-        rows.append(graph_attention(64, 8, 768, 960, 64, 0.22, backward=backward))
+        rows.append(moe_mlp_roofline(25216, 768, 3072, 8, 2, backward=backward))
+        rows.append(readin_attention_roofline(128, 64, 64, 6, 64, 256, backward=backward))
+        rows.append(readin_attention_roofline(128, 192, 784, 8, 64, 320, backward=backward))
+        rows.append(graph_attention_roofline(128, 6, 256, 320, 64, 0.22, backward=backward))
+        rows.append(graph_attention_roofline(64, 8, 768, 960, 64, 0.22, backward=backward))
     return rows
 
 

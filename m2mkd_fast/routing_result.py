@@ -5,6 +5,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+GATES = ("vmoe", "naive")  # top-k of softmax over all experts / of the logits, softmax over the k
+
 
 class Routing(NamedTuple):
     """Which experts each token goes to, with what weight, and where in the expert's buffer.

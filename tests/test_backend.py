@@ -79,3 +79,24 @@ def test_cpp_extension_builds_just_in_time_into_a_cached_directory(tmp_path):
     second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.o")} == objects
+
+
+def test_a_backend_that_does_not_support_a_case_falls_through(monkeypatch):
+    """A backend module whose supports(*args) says no is skipped for those arguments, also when
+    it was asked for explicitly; with none left, BackendUnavailable."""
+    import importlib
+
+    cpu = torch.device("cpu")
+    args = (torch.randn(6, 4), 2, "vmoe", None, False, None)
+    first, *rest = backend.candidates("route", cpu)
+    monkeypatch.setattr(importlib.import_module(f"m2mkd_fast.{first}_backend.routing"), "supports",
+                        lambda *a: False, raising=False)
+    if rest:
+        assert backend.select("route", cpu, None, args)[0] == rest[0]
+        assert backend.select("route", cpu, first, args)[0] == rest[0]
+    assert backend.select("route", cpu, first)[0] == first  # without arguments: no check
+    for name in rest:
+        monkeypatch.setattr(importlib.import_module(f"m2mkd_fast.{name}_backend.routing"), "supports",
+                            lambda *a: False, raising=False)
+    with pytest.raises(backend.BackendUnavailable, match="supports these arguments"):
+        backend.select("route", cpu, None, args)

@@ -12,7 +12,7 @@ from m2mkd_fast.reference.graph import graph_log_affinity, graph_noise
 from m2mkd_fast.reference.random import philox_uniform
 from m2mkd_fast.torch_backend import graph as torch_graph_module
 from m2mkd_fast.torch_backend.graph import graph_attention as torch_graph
-from tolerance import assert_close_to_reference
+from tolerance import assert_close_to_reference, grad_atol
 
 NAMES = ["q", "k", "v", "sig_r", "sig_s", "bandwidth"]
 EPS32 = torch.finfo(torch.float32).eps
@@ -156,22 +156,6 @@ SHAPES = [  # B, H, U, V, C
 ]
 
 
-def _grad_atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
-    """The FlashAttention rule plus what no implementation can avoid.
-
-    bf16: rounding the result itself, one ulp of the largest |value| (a scalar like dβ, or a tiny
-    tensor, can otherwise hit a reference that rounded the lucky way). fp32: long reductions (dσ,
-    dβ over B·H·U·V terms) and SDPA's backward (dS = P ⊙ (dP − rowsum(dO ⊙ O)) cancels terms of
-    the size of dP that the reference never forms) cost a few ulps of the gradient's scale, which
-    can exceed 2x a reference error that is by luck far below an ulp: allow 32 ulps of
-    (1 + max |gradient|).
-    """
-    scale = 1 + ref64.abs().max().item()
-    if dtype == torch.float32:
-        return 32 * torch.finfo(torch.float32).eps * scale
-    return max(1e-3, torch.finfo(dtype).eps * scale)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize(
@@ -196,7 +180,7 @@ def test_backend_matches_oracle_forward_and_all_grads(backend, shape, mode, dtyp
     g = torch.autograd.grad(out, [leaves[i] for i in wrt], grad.to(dtype))
     for i, a, r64, r in zip(wrt, g, g64, g_ref):
         assert a.dtype == dtype
-        assert_close_to_reference(a, r64, r, atol=_grad_atol(r64, dtype), name=f"d{NAMES[i]} ({mode})")
+        assert_close_to_reference(a, r64, r, atol=grad_atol(r64, dtype), name=f"d{NAMES[i]} ({mode})")
 
 
 @pytest.mark.parametrize("mode", ["no_sample", "sample", "dense"])
@@ -222,7 +206,7 @@ def test_fp32_signatures_beside_bf16_activations(backend, mode):
     for name, a, r64, r, leaf in zip(NAMES, g, g64, g_ref, leaves):
         assert a.dtype == leaf.dtype
         # dσ, dβ are fp32 but sum terms rounded in bf16 (the activations): the bf16 allowance
-        assert_close_to_reference(a, r64, r, atol=_grad_atol(r64, torch.bfloat16), name=f"d{name} ({mode})")
+        assert_close_to_reference(a, r64, r, atol=grad_atol(r64, torch.bfloat16), name=f"d{name} ({mode})")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -259,7 +243,7 @@ def test_kernel_without_gradient_takes_the_fused_path(mode):
         torch.autograd.grad(out_ref, leaves_ref[:3], grad.float()),
         NAMES,
     ):
-        assert_close_to_reference(a, r64, r, atol=_grad_atol(r64, torch.float32), name=f"d{name}")
+        assert_close_to_reference(a, r64, r, atol=grad_atol(r64, torch.float32), name=f"d{name}")
 
 
 def test_long_sender_runs_without_edges():
@@ -494,3 +478,16 @@ def test_bad_inputs_name_the_argument():
     big = torch.empty(1, 1, 2**16, 1, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"B·U·V = 4294967296 must be below 2\*\*31"):
         op(big, big, big, torch.empty(2**16, 1, dtype=torch.float64), torch.empty(2**16, 1, dtype=torch.float64), beta, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_seed_draws_the_int_seeds_sample(backend):
+    """A 0-dim int64 CPU tensor seed (what a layer passes under torch.compile) is the same seed."""
+    args = [t.float() for t in _inputs(2, 2, 6, 10, 4)]
+    want = mk.ops.graph_attention(*args, temperature=0.5, seed=2**40 + 5, backend=backend)
+    got = mk.ops.graph_attention(*args, temperature=0.5, seed=torch.tensor(2**40 + 5), backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="0-dim int64 CPU tensor"):
+        mk.ops.graph_attention(*args, temperature=0.5, seed=torch.tensor([5]), backend=backend)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+        mk.ops.graph_attention(*args, temperature=0.5, seed=torch.tensor(-1), backend=backend)

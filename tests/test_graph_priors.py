@@ -8,13 +8,7 @@ import torch
 from m2mkd_fast.models import graph_priors as gp
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these tensors are tiny: one intra-op thread avoids OpenMP barriers on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _is_simple_graph(adj: torch.Tensor) -> bool:

@@ -17,13 +17,7 @@ from m2mkd_fast.models.stages import split_depth
 OUR_PREFIXES = ("staged_", "meta_", "vmoe_", "nac_")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: one intra-op thread avoids OpenMP barriers on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def our_models():

@@ -232,7 +232,7 @@ def test_kma_autocast_bf16(mode):
 
 def test_kma_compiles_fullgraph_in_eval():
     """torch.compile(fullgraph=True) through the layer, the op and the torch backend (eval
-    modes; training draws a host-side seed per call, which is a graph break)."""
+    modes; tests/test_compile.py covers training)."""
     torch._dynamo.reset()
     layer = KernelModulatedAttention(12, 6, 3, 4, signature_dim=8, backend="torch").eval()
     leaves = [t.requires_grad_() for t in _kma_inputs()]

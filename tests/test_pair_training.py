@@ -27,12 +27,7 @@ VMOE_DIM = 48  # a V-MoE student narrower than the meta model: a swapped stitch 
 NAC_DIM = 64  # nac_micro
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _models(kind):

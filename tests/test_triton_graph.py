@@ -371,28 +371,6 @@ def test_fp16():
 # ------------------------------------------------------------------------------------------
 
 
-def _op_args(requires_grad=True):
-    q, k, v, sig_r, sig_s, beta = make_inputs(1, 2, 7, 9, 16, 4)
-    sr, ss = F_normalize(sig_r), F_normalize(sig_s)
-    tensors = [t.requires_grad_(requires_grad) for t in (q, k, v, sr, ss, beta)]
-    return tensors
-
-
-@pytest.mark.parametrize("mode", ["deterministic", "sampled"])
-def test_opcheck_forward(mode):
-    kw = MODES[mode]
-    args = (*_op_args(), kw.get("truncation"), kw.get("temperature"), kw.get("seed", 0), False, 16, 16)
-    torch.library.opcheck(torch.ops.m2mkd_fast.graph_attention_fwd.default, args)
-
-
-def test_opcheck_backward():
-    q, k, v, sr, ss, beta = _op_args(False)
-    ell = K.log_affinity(sr, ss, beta, 0.9, False)
-    o, lse = K.forward(q, k, v, ell, 0.5, 3, blocks=(16, 16))
-    args = (torch.randn_like(o), q, k, v, o, lse, sr, ss, beta, 0.9, 0.5, 3, False, 16, 16, 0, True)
-    torch.library.opcheck(torch.ops.m2mkd_fast.graph_attention_bwd.default, args)
-
-
 def test_torch_compile_fullgraph():
     inputs = make_inputs(1, 2, 7, 9, 16, 4)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]

@@ -30,3 +30,20 @@ def assert_close_to_reference(
     err = max_abs_error(actual, reference_fp64)
     base = max_abs_error(reference_same_dtype, reference_fp64)
     assert err <= factor * base + atol, f"{name}: error {err:.3e} > {factor} x reference error {base:.3e} + {atol:.1e}"
+
+
+def grad_atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
+    """The atol on top of the 2x rule for attention gradients: what no implementation can avoid.
+
+    bf16: rounding the result itself, one ulp of the largest |value| (at least 1e-3; a scalar
+    like dβ, or a tiny tensor, can otherwise hit a reference that rounded the lucky way). fp32:
+    long reductions (dσ, dβ over B·H·U·V terms), SDPA's backward (dS = P ⊙ (dP − rowsum(dO ⊙ O))
+    cancels terms of the size of dP that the reference never forms) and plain-PyTorch
+    formulations other than the oracle's cost a few ulps of the gradient's scale, which can
+    exceed 2x a reference error that is by luck far below an ulp: allow 32 ulps of
+    (1 + max |gradient|).
+    """
+    scale = 1 + ref64.abs().max().item()
+    if dtype == torch.float32:
+        return 32 * torch.finfo(torch.float32).eps * scale
+    return max(1e-3, torch.finfo(dtype).eps * scale)

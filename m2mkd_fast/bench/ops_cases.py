@@ -96,9 +96,9 @@ def moe_cases(device, dtype, s, quick) -> list[Case]:
     r_cap = ops.route(logits, k, gate="vmoe", capacity_factor=1.05, backend="torch")
     dense_w1 = _leaf(d, k * h, device=device, dtype=dtype, scale=d**-0.5)
     dense_w2 = _leaf(k * h, d, device=device, dtype=dtype, scale=h**-0.5)
-    line = roofline.moe_mlp(T, d, h, E, k, elem=x.element_size())
+    line = roofline.moe_mlp_roofline(T, d, h, E, k, elem=x.element_size())
     flops = {"fwd": line.flops / 3, "fwd+bwd": line.flops}
-    nbytes = {"fwd": roofline.moe_mlp(T, d, h, E, k, x.element_size(), backward=False).min_bytes, "fwd+bwd": line.min_bytes}
+    nbytes = {"fwd": roofline.moe_mlp_roofline(T, d, h, E, k, x.element_size(), backward=False).min_bytes, "fwd+bwd": line.min_bytes}
     shape = f"T={T} d={d} h={h} E={E} k={k}"
     cases = [
         Case("moe_mlp", "dense MLP, equal active FLOPs (floor)", shape,
@@ -134,8 +134,8 @@ def readin_cases(device, dtype, s, quick) -> list[Case]:
     s_v = (1 + 0.1 * torch.randn(U, Din, device=device)).to(dtype).requires_grad_()
     params = [q, x, w_k, w_v, s_k, s_v]
     args = (q, x, w_k, w_v, s_k, s_v)
-    line = roofline.readin_attention(B, U, V, H, C, Din, elem=q.element_size())
-    flops = {"fwd": roofline.readin_attention(B, U, V, H, C, Din, q.element_size(), backward=False).flops, "fwd+bwd": line.flops}
+    line = roofline.readin_attention_roofline(B, U, V, H, C, Din, elem=q.element_size())
+    flops = {"fwd": roofline.readin_attention_roofline(B, U, V, H, C, Din, q.element_size(), backward=False).flops, "fwd+bwd": line.flops}
     nbytes = {"fwd": line.min_bytes / 2, "fwd+bwd": line.min_bytes}
     shape = f"B={B} U={U} V={V} H={H} C={C} Din={Din}"
     cases = []
@@ -169,12 +169,11 @@ def graph_inputs(device, dtype, s, signatures: Optional[tuple] = None, truncatio
     return (q, k, v, sig_r, sig_s, beta), density
 
 
-def _sdpa_with_bias(q, k, v, sig_r, sig_s, beta, truncation, temperature, seed):
-    from ..torch_backend.graph import graph_bias
-
-    bias, empty = graph_bias(sig_r, sig_s, beta, q.shape[0], truncation, temperature, seed, False)
-    bias = bias[:, None] if bias.dim() == 3 else bias[None, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+def _sdpa_with_bias(q, k, v, sig_r, sig_s, beta, truncation, temperature, uniform):
+    """The dense sampled bias [B,U,V] as the oracle builds it, then SDPA with a float mask."""
+    bias = reference.graph.graph_sampled_bias(sig_r, sig_s, beta, truncation, temperature, uniform, False)
+    empty = torch.isneginf(bias).all(-1, keepdim=True)  # [B,U,1]: receivers without an edge
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(empty, 0.0)[:, None].to(q.dtype))
     return out.masked_fill(empty[:, None], 0.0)
 
 
@@ -182,8 +181,8 @@ def graph_cases(device, dtype, s, quick, signatures=None, truncation=0.9, label=
     args, density = graph_inputs(device, dtype, s, signatures, truncation)
     q, k, v, sig_r, sig_s, beta = args
     B, H, U, V, C, S = s["B"], s["H"], s["U"], s["V"], s["C"], s["S"]
-    line = roofline.graph_attention(B, H, U, V, C, density, S, elem=q.element_size())
-    flops = {"fwd": roofline.graph_attention(B, H, U, V, C, density, S, q.element_size(), backward=False).flops, "fwd+bwd": line.flops}
+    line = roofline.graph_attention_roofline(B, H, U, V, C, density, S, elem=q.element_size())
+    flops = {"fwd": roofline.graph_attention_roofline(B, H, U, V, C, density, S, q.element_size(), backward=False).flops, "fwd+bwd": line.flops}
     nbytes = {"fwd": line.min_bytes / 2, "fwd+bwd": line.min_bytes}
     shape = f"B={B} H={H} U={U} V={V} C={C} density={density:.2f} ({label})"
     params = list(args)
@@ -193,7 +192,7 @@ def graph_cases(device, dtype, s, quick, signatures=None, truncation=0.9, label=
         Case("graph_attention", "eager, dense bias (seed)", shape,
              _runner(lambda: reference.graph_attention(*args, truncation=truncation, temperature=temperature, uniform=uniform), params), flops, nbytes),
         Case("graph_attention", "SDPA with float bias", shape,
-             _runner(lambda: _sdpa_with_bias(*args, truncation, temperature, seed), params), flops, nbytes),
+             _runner(lambda: _sdpa_with_bias(*args, truncation, temperature, uniform), params), flops, nbytes),
     ]
     for name in _backend_names(device, "graph_attention"):
         cases.append(Case("graph_attention", f"mk.ops backend={name}", shape,

@@ -3,11 +3,11 @@
 Per call, once: the signature distances dist [U,V] (float32, float64 for float64 inputs; plain
 autograd-tracked torch ops, U·V·S work), the edge list of the kept edges as CSR (receiver rows,
 sender columns; dist ≤ truncation, and dist/β ≤ ln 2 in threshold mode) and the per-edge
-log-affinity ℓ_e = −dist/β. Then in C++ (torch.ops.m2mkd_fast_cpp):
+log-affinity ℓ_e = −dist/β. Then in C++ (torch.ops.m2mkd_fast):
 
-* ``graph_sample``: per batch element and kept edge the relaxed-Bernoulli log-sample with the
+* ``graph_cpp_sample``: per batch element and kept edge the relaxed-Bernoulli log-sample with the
   shared Philox stream n[b,u,v] = tl.rand(seed, (b·U + u)·V + v), and its derivative w.r.t. ℓ_e;
-* ``graph_forward`` / ``graph_backward``: per (b, h) and receiver, a softmax over that
+* ``graph_cpp_fwd`` / ``graph_cpp_bwd``: per (b, h) and receiver, a softmax over that
   receiver's edges only (scores q·k/√C + bias), o = Σ a·v; the backward recomputes the scores
   from the saved log-sum-exp and returns dq, dk, dv and the bias gradient summed over heads,
   which autograd carries on to σ_r, σ_s and β.
@@ -23,66 +23,69 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _C  # noqa: F401  (registers torch.ops.m2mkd_fast_cpp)
+from .. import _C  # noqa: F401  (registers the m2mkd_fast::*_cpp_* ops)
+from ..library import forbid_double_backward, op_name, register_no_derivative
 
 __all__ = ["graph_attention"]
 
-_ops = torch.ops.m2mkd_fast_cpp
+_ops = torch.ops.m2mkd_fast
 _LN2 = math.log(2.0)
 
 
-@torch.library.register_fake("m2mkd_fast_cpp::graph_forward")
+@torch.library.register_fake(op_name("graph", "cpp", "fwd"))
 def _graph_forward_fake(q, k, v, row_ptr, col, bias, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3])
 
 
-@torch.library.register_fake("m2mkd_fast_cpp::graph_backward")
+@torch.library.register_fake(op_name("graph", "cpp", "bwd"))
 def _graph_backward_fake(grad_out, q, k, v, out, lse, row_ptr, col, bias, scale, bias_grad):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(bias)
 
 
-@torch.library.register_fake("m2mkd_fast_cpp::graph_sample")
+@torch.library.register_fake(op_name("graph", "cpp", "sample"))
 def _graph_sample_fake(logit, row, col, batch, num_receivers, num_senders, seed, temperature):
     shape = (batch, logit.shape[0])
     return logit.new_empty(shape), logit.new_empty(shape)
 
 
-@torch.library.register_fake("m2mkd_fast_cpp::philox_uniform")
+@torch.library.register_fake(op_name("graph", "cpp", "philox"))
 def _philox_uniform_fake(seed, offsets):
     return offsets.new_empty(offsets.shape, dtype=torch.float32)
 
 
-class _SparseAttention(torch.autograd.Function):
-    """o = softmax over each receiver's edges of (q·k·scale + bias[b, e]) times v."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, row_ptr, col, scale):
-        out, lse = _ops.graph_forward(q, k, v, row_ptr, col, bias, scale)
-        ctx.save_for_backward(q, k, v, out, lse, row_ptr, col, bias)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, row_ptr, col, bias = ctx.saved_tensors
-        bias_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _ops.graph_backward(grad_out, q, k, v, out, lse, row_ptr, col, bias, ctx.scale, bias_grad)
-        return dq, dk, dv, (dbias if bias_grad else None), None, None, None
+def _attention_setup_context(ctx, inputs, output):
+    """graph_cpp_fwd: o = softmax over each receiver's edges of (q·k·scale + bias[b, e]) times v."""
+    q, k, v, row_ptr, col, bias, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, row_ptr, col, bias)
+    ctx.scale = scale
 
 
-class _RelaxedBernoulliLogSample(torch.autograd.Function):
-    """bias[b, e] = logsigmoid((logit p_e + logit n[b,u_e,v_e]) / t), p_e = clamp(exp ℓ_e, ε, 1−ε)."""
+def _attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, row_ptr, col, bias = ctx.saved_tensors
+    bias_grad = ctx.needs_input_grad[5]
+    dq, dk, dv, dbias = _ops.graph_cpp_bwd(grad_out, q, k, v, out, lse, row_ptr, col, bias, ctx.scale, bias_grad)
+    return dq, dk, dv, None, None, (dbias if bias_grad else None), None
 
-    @staticmethod
-    def forward(ctx, logit, row, col, batch, receivers, senders, seed, temperature):
-        sample, deriv = _ops.graph_sample(logit, row, col, batch, receivers, senders, seed, temperature)
-        ctx.save_for_backward(deriv)
-        return sample
 
-    @staticmethod
-    def backward(ctx, grad):
-        (deriv,) = ctx.saved_tensors
-        return (grad * deriv).sum(0), None, None, None, None, None, None, None
+def _sample_setup_context(ctx, inputs, output):
+    """graph_cpp_sample: bias[b, e] = logsigmoid((logit p_e + logit n[b,u_e,v_e]) / t),
+    p_e = clamp(exp ℓ_e, ε, 1−ε), and its derivative w.r.t. ℓ_e (not differentiable)."""
+    _, deriv = output
+    ctx.mark_non_differentiable(deriv)
+    ctx.save_for_backward(deriv)
+
+
+def _sample_backward(ctx, grad, _grad_deriv):
+    (deriv,) = ctx.saved_tensors
+    return (grad * deriv).sum(0), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(op_name("graph", "cpp", "fwd"), _attention_backward, setup_context=_attention_setup_context)
+forbid_double_backward(op_name("graph", "cpp", "bwd"))
+torch.library.register_autograd(op_name("graph", "cpp", "sample"), _sample_backward, setup_context=_sample_setup_context)
+register_no_derivative(op_name("graph", "cpp", "philox"))
 
 
 def edge_list(
@@ -143,17 +146,18 @@ def graph_attention(
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     row_ptr, row, col, logit = edge_list(sig_r, sig_s, bandwidth, truncation, threshold)
     if temperature is not None:
-        bias = _RelaxedBernoulliLogSample.apply(logit, row, col, batch, receivers, senders, int(seed), float(temperature))
+        seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+        bias = _ops.graph_cpp_sample(logit, row, col, batch, receivers, senders, seed, float(temperature))[0]
     else:
         bias = logit[None]
     bias = bias.to(dtype)
-    out = _SparseAttention.apply(
+    out, _ = _ops.graph_cpp_fwd(
         q.to(dtype).contiguous(),
         k.to(dtype).contiguous(),
         v.to(dtype).contiguous(),
-        bias.contiguous(),
         row_ptr,
         col,
+        bias.contiguous(),
         1.0 / math.sqrt(head_dim),
     )
     return out.to(q.dtype)

@@ -1,10 +1,10 @@
 """moe_mlp on the C++ extension (DESIGN §2.1): sorted pairs, per-expert GEMMs through ATen.
 
-torch.ops.m2mkd_fast_cpp.moe_forward counting-sorts the kept (token, choice) pairs by expert
+torch.ops.m2mkd_fast.moe_cpp_fwd counting-sorts the kept (token, choice) pairs by expert
 once, gathers x into one [M, d] buffer (M = kept pairs; no padded E × C buffer), runs fc1 as
 addmm with its bias, ATen's vectorised GELU and fc2 as addmm per expert slice, and combines the
 k choices per token with their routing weights (a parallel loop over tokens, no atomics). It
-saves the hidden pre-activation and the expert outputs; moe_backward gathers dy with the
+saves the hidden pre-activation and the expert outputs; moe_cpp_bwd gathers dy with the
 weights applied, forms the routing-weight gradient per pair, recomputes the GELU per expert
 and sums the k choices' dx per token. Every expert parameter gets a gradient (zeros for an
 expert without tokens); dropped pairs (slot −1) contribute nothing and get a zero weight
@@ -18,22 +18,23 @@ from typing import Optional
 
 import torch
 
-from .. import _C  # noqa: F401  (registers torch.ops.m2mkd_fast_cpp)
+from .. import _C  # noqa: F401  (registers the m2mkd_fast::*_cpp_* ops)
+from ..library import forbid_double_backward, op_name
+from ..reference.moe import ACTIVATIONS
 from ..routing_result import Routing
 
 __all__ = ["moe_mlp"]
 
-_ops = torch.ops.m2mkd_fast_cpp
-_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+_ops = torch.ops.m2mkd_fast
 
 
-@torch.library.register_fake("m2mkd_fast_cpp::moe_forward")
+@torch.library.register_fake(op_name("moe", "cpp", "fwd"))
 def _moe_forward_fake(x, expert, slot, weight, w1, b1, w2, b2, approximate, save):
     rows = expert.numel() if save else 0
     return torch.empty_like(x), x.new_empty(rows, w1.shape[2]), x.new_empty(rows, x.shape[1])
 
 
-@torch.library.register_fake("m2mkd_fast_cpp::moe_backward")
+@torch.library.register_fake(op_name("moe", "cpp", "bwd"))
 def _moe_backward_fake(grad_y, x, expert, slot, weight, w1, w2, hidden, out, approximate, bias_grads):
     E, d, h = w1.shape
     return (
@@ -46,34 +47,40 @@ def _moe_backward_fake(grad_y, x, expert, slot, weight, w1, w2, hidden, out, app
     )
 
 
-class _MoEMLP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, expert, slot, weight, w1, b1, w2, b2, approximate):
-        y, hidden, out = _ops.moe_forward(x, expert, slot, weight, w1, b1, w2, b2, approximate, True)
-        ctx.save_for_backward(x, expert, slot, weight, w1, w2, hidden, out)
-        ctx.approximate = approximate
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        return y
+def _setup_context(ctx, inputs, output):
+    x, expert, slot, weight, w1, b1, w2, b2, approximate, save = inputs
+    _, hidden, out = output
+    ctx.mark_non_differentiable(hidden, out)
+    ctx.save_for_backward(x, expert, slot, weight, w1, w2, hidden, out)
+    ctx.approximate, ctx.saved = approximate, save
+    ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, expert, slot, weight, w1, w2, hidden, out = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        bias_grads = (ctx.has_b1 and need[5]) or (ctx.has_b2 and need[7])
-        gx, gw, gw1, gb1, gw2, gb2 = _ops.moe_backward(
-            grad_y, x, expert, slot, weight, w1, w2, hidden, out, ctx.approximate, bias_grads
-        )
-        return (
-            gx,
-            None,
-            None,
-            gw,
-            gw1,
-            gb1 if ctx.has_b1 and bias_grads else None,
-            gw2,
-            gb2 if ctx.has_b2 and bias_grads else None,
-            None,
-        )
+
+def _backward(ctx, grad_y, _grad_hidden, _grad_out):
+    x, expert, slot, weight, w1, w2, hidden, out = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if not ctx.saved:
+        raise RuntimeError("moe_mlp (cpp backend): backward through a forward that ran without gradients (save=False)")
+    bias_grads = (ctx.has_b1 and need[5]) or (ctx.has_b2 and need[7])
+    gx, gw, gw1, gb1, gw2, gb2 = _ops.moe_cpp_bwd(
+        grad_y, x, expert, slot, weight, w1, w2, hidden, out, ctx.approximate, bias_grads
+    )
+    return (
+        gx,
+        None,
+        None,
+        gw,
+        gw1,
+        gb1 if ctx.has_b1 and bias_grads else None,
+        gw2,
+        gb2 if ctx.has_b2 and bias_grads else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(op_name("moe", "cpp", "fwd"), _backward, setup_context=_setup_context)
+forbid_double_backward(op_name("moe", "cpp", "bwd"))
 
 
 def moe_mlp(
@@ -86,8 +93,8 @@ def moe_mlp(
     activation: str = "gelu",
 ) -> torch.Tensor:
     """x [T,d] · r (Routing) · w1 [E,d,h] · b1 [E,h]|None · w2 [E,h,d] · b2 [E,d]|None -> y [T,d]."""
-    if activation not in _APPROXIMATE:
-        raise ValueError(f"activation must be one of {tuple(_APPROXIMATE)}, got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if x.device.type != "cpu":
         raise ValueError(f"moe_mlp (cpp backend): expected CPU tensors, got {x.device}")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -99,8 +106,5 @@ def moe_mlp(
         t is not None and t.requires_grad for t in (x, r.weight, w1, b1, w2, b2)
     )
     args = (cast(x), r.expert.contiguous(), r.slot.contiguous(), cast(r.weight), cast(w1), cast(b1), cast(w2), cast(b2))
-    if needs_grad:
-        y = _MoEMLP.apply(*args, _APPROXIMATE[activation])
-    else:
-        y = _ops.moe_forward(*args, _APPROXIMATE[activation], False)[0]
+    y = _ops.moe_cpp_fwd(*args, ACTIVATIONS[activation], needs_grad)[0]
     return y.to(x.dtype)

@@ -2,7 +2,7 @@
 
 The keys and values of the folded read-in are the layer-normed tokens x, shared by every head,
 so per batch element the U·H query rows Q' = (W_kᵀ q) ⊙ s_k / √C attend to one [V, Din]
-matrix. torch.ops.m2mkd_fast_cpp.readin_forward computes the projections as batched GEMMs over
+matrix. torch.ops.m2mkd_fast.readin_cpp_fwd computes the projections as batched GEMMs over
 all rows and the attention per batch element and block of rows (scores of at most 32k
 elements per block in a thread-local buffer; nothing of size B·U·V), with the s_k / s_v
 scalings and the softmax fused into the passes over each block; it saves W_kᵀ q, the attention
@@ -17,21 +17,22 @@ from typing import Optional
 
 import torch
 
-from .. import _C  # noqa: F401  (registers torch.ops.m2mkd_fast_cpp)
+from .. import _C  # noqa: F401  (registers the m2mkd_fast::*_cpp_* ops)
+from ..library import forbid_double_backward, op_name
 
 __all__ = ["readin_attention"]
 
-_ops = torch.ops.m2mkd_fast_cpp
+_ops = torch.ops.m2mkd_fast
 
 
-@torch.library.register_fake("m2mkd_fast_cpp::readin_forward")
+@torch.library.register_fake(op_name("readin", "cpp", "fwd"))
 def _readin_forward_fake(q, x, w_k, w_v, s_k, s_v, b_v):
     B, U, H, _ = q.shape
     din = x.shape[-1]
     return torch.empty_like(q), q.new_empty(B, U, H, din), q.new_empty(B, U, H, din), q.new_empty(B, U, H)
 
 
-@torch.library.register_fake("m2mkd_fast_cpp::readin_backward")
+@torch.library.register_fake(op_name("readin", "cpp", "bwd"))
 def _readin_backward_fake(grad_m, q, x, w_k, w_v, s_k, s_v, tk, a, lse):
     return (
         torch.empty_like(q),
@@ -44,19 +45,22 @@ def _readin_backward_fake(grad_m, q, x, w_k, w_v, s_k, s_v, tk, a, lse):
     )
 
 
-class _ReadinAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, x, w_k, w_v, s_k, s_v, b_v):
-        m, tk, a, lse = _ops.readin_forward(q, x, w_k, w_v, s_k, s_v, b_v)
-        ctx.save_for_backward(q, x, w_k, w_v, s_k, s_v, tk, a, lse)
-        ctx.has_bias = b_v is not None
-        return m
+def _setup_context(ctx, inputs, output):
+    q, x, w_k, w_v, s_k, s_v, b_v = inputs
+    _, tk, a, lse = output
+    ctx.mark_non_differentiable(tk, a, lse)
+    ctx.save_for_backward(q, x, w_k, w_v, s_k, s_v, tk, a, lse)
+    ctx.has_bias = b_v is not None
 
-    @staticmethod
-    def backward(ctx, grad_m):
-        q, x, w_k, w_v, s_k, s_v, tk, a, lse = ctx.saved_tensors
-        dq, dx, dw_k, dw_v, ds_k, ds_v, db_v = _ops.readin_backward(grad_m, q, x, w_k, w_v, s_k, s_v, tk, a, lse)
-        return dq, dx, dw_k, dw_v, ds_k, ds_v, (db_v if ctx.has_bias else None)
+
+def _backward(ctx, grad_m, _grad_tk, _grad_a, _grad_lse):
+    q, x, w_k, w_v, s_k, s_v, tk, a, lse = ctx.saved_tensors
+    dq, dx, dw_k, dw_v, ds_k, ds_v, db_v = _ops.readin_cpp_bwd(grad_m, q, x, w_k, w_v, s_k, s_v, tk, a, lse)
+    return dq, dx, dw_k, dw_v, ds_k, ds_v, (db_v if ctx.has_bias else None)
+
+
+torch.library.register_autograd(op_name("readin", "cpp", "fwd"), _backward, setup_context=_setup_context)
+forbid_double_backward(op_name("readin", "cpp", "bwd"))
 
 
 def readin_attention(
@@ -74,4 +78,4 @@ def readin_attention(
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     args = [t.to(dtype).contiguous() for t in (q, x, w_k, w_v, s_k, s_v)]
     bias = None if b_v is None else b_v.to(dtype).contiguous()
-    return _ReadinAttention.apply(*args, bias).to(q.dtype)
+    return _ops.readin_cpp_fwd(*args, bias)[0].to(q.dtype)

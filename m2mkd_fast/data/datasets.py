@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .fashion_mnist import CLASSES as FMNIST_CLASSES
+from .fashion_mnist import MEAN as FASHION_MNIST_MEAN
+from .fashion_mnist import STD as FASHION_MNIST_STD
 from .fashion_mnist import load_fashion_mnist
 
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")

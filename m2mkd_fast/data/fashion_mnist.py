@@ -28,6 +28,8 @@ CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+MEAN = (0.2860,)  # per-channel pixel mean and std of the training set, pixels in [0, 1]
+STD = (0.3530,)
 SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/datasets/fashion_mnist")
 ASSET = Path(__file__).resolve().parent / "assets" / "fashion_mnist_subset.npz"
 SUBSET_PER_CLASS = {"train": 1000, "test": 200}

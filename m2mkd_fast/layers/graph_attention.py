@@ -99,7 +99,7 @@ class KernelModulatedAttention(nn.Module):
         else:
             sampling = self.temperature is not None and (self.training or self.eval_mode == "sample")
             threshold = not self.training and self.eval_mode == "threshold"
-            seed = int(torch.randint(0, 2**62, (), device="cpu")) if sampling else None
+            seed = torch.randint(0, 2**62, (), device="cpu") if sampling else None
             m = ops.graph_attention(
                 q,
                 k,

@@ -36,13 +36,12 @@ from timm.models import (VisionTransformer, build_model_with_cfg, generate_defau
                          register_model)
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from ..data.fashion_mnist import MEAN as FASHION_MNIST_MEAN
+from ..data.fashion_mnist import STD as FASHION_MNIST_STD
 from .stages import ModelStage, check_stage_range, collect_aux_loss, split_depth
 from .weights import check_pretrained
 
 __all__ = ["StagedVisionTransformer", "as_staged", "VIT_CONFIGS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD"]
-
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
 
 
 class StagedVisionTransformer(VisionTransformer):

@@ -24,6 +24,24 @@ def _check_tensor(name: str, t, rank: int, layout: str) -> None:
         raise TypeError(f"graph_attention: {name} must be a floating-point tensor, got {t.dtype}")
 
 
+def _check_seed(seed):
+    """The seed as an int, or as a 0-dim int64 CPU tensor when given as a tensor (a layer that
+    draws a seed per call passes a tensor, so torch.compile neither specialises on its value nor
+    breaks the graph to read it); its value must be in [0, 2**63)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.device.type != "cpu" or seed.dtype != torch.int64:
+            raise ValueError(
+                f"graph_attention: a tensor seed must be a 0-dim int64 CPU tensor, got shape {tuple(seed.shape)}, "
+                f"{seed.dtype} on {seed.device}"
+            )
+        if not _tracing() and not 0 <= int(seed) < MAX_SEED:
+            raise ValueError(f"graph_attention: seed must be in [0, 2**63), got {int(seed)}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"graph_attention: seed must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
 def _tracing() -> bool:
     compiling = getattr(torch.compiler, "is_compiling", None)
     if compiling is not None and compiling():
@@ -67,7 +85,8 @@ def graph_attention(
         truncation: τ > 0, or None for no truncation (every edge kept, as in the read-out); τ ≥ 2
             keeps every edge too (dist ≤ 2) and is taken as None.
         temperature: None, or t > 0 to sample the kernel (training).
-        seed:   int in [0, 2**63), required when temperature is set.
+        seed:   int in [0, 2**63) (or a 0-dim int64 CPU tensor holding one), required when
+                temperature is set.
         threshold: the 0/−∞ eval mode; exclusive with temperature.
         backend: None | "auto" | "triton" | "cpp" | "torch" (see m2mkd_fast.backend).
 
@@ -118,12 +137,11 @@ def graph_attention(
         temperature = float(temperature)
         if seed is None:
             raise ValueError("graph_attention: temperature is set (sampling), so seed must be given as an int in [0, 2**63)")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
-            raise ValueError(f"graph_attention: seed must be an int in [0, 2**63), got {seed!r}")
-        seed = int(seed)
+        seed = _check_seed(seed)
     if not _tracing() and not bool((bandwidth.detach() > 0) & torch.isfinite(bandwidth.detach())):
         raise ValueError(f"graph_attention: bandwidth must be finite and > 0, got {bandwidth.item()}")
     check_finite("graph_attention", q=q, k=k, v=v, sig_r=sig_r, sig_s=sig_s)
-    fn = select_backend("graph_attention", q.device, backend)  # also inside torch.compile
+    args = (q, k, v, sig_r, sig_s, bandwidth, truncation, temperature, seed, threshold)
+    fn = select_backend("graph_attention", q.device, backend, args)  # also inside torch.compile
     with autocast_off(q):
-        return fn(q, k, v, sig_r, sig_s, bandwidth, truncation, temperature, seed, threshold)
+        return fn(*args)

@@ -7,9 +7,8 @@ import torch
 from ..routing_result import Routing
 from ..backend import select_backend
 from ..checks import check_finite
+from ..reference.moe import ACTIVATIONS
 from .precision import autocast_dtype, autocast_off, cast_operands
-
-ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 def _shape(t) -> tuple:
@@ -63,7 +62,7 @@ def check_moe_mlp_args(x, r, w1, b1, w2, b2, activation) -> None:
     if len(devices) > 1:
         raise ValueError(f"x, r, w1, b1, w2, b2 must be on one device, got {sorted(str(v) for v in devices)}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if x.device.type == "cpu" and r.expert.numel() and not torch.compiler.is_compiling():
         lo, hi = int(r.expert.min()), int(r.expert.max())
         if lo < 0 or hi >= E:
@@ -100,6 +99,7 @@ def moe_mlp(
     x, w1, b1, w2, b2 = cast_operands(autocast_dtype(x), x, w1, b1, w2, b2)
     check_moe_mlp_args(x, r, w1, b1, w2, b2, activation)
     check_finite("moe_mlp", x=x, w1=w1, b1=b1, w2=w2, b2=b2, **{"r.weight": r.weight})
-    fn = select_backend("moe_mlp", x.device, backend)
+    args = (x, r, w1, b1, w2, b2, activation)
+    fn = select_backend("moe_mlp", x.device, backend, args)
     with autocast_off(x):
-        return fn(x, r, w1, b1, w2, b2, activation)
+        return fn(*args)

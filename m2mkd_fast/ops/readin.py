@@ -78,6 +78,7 @@ def readin_attention(
         if t.device != q.device:
             raise ValueError(f"readin_attention: {name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
     check_finite("readin_attention", q=q, x=x, w_k=w_k, w_v=w_v, s_k=s_k, s_v=s_v, b_v=b_v)
-    fn = select_backend("readin_attention", q.device, backend)  # also inside torch.compile
+    args = (q, x, w_k, w_v, s_k, s_v, b_v)
+    fn = select_backend("readin_attention", q.device, backend, args)  # also inside torch.compile
     with autocast_off(q):
-        return fn(q, x, w_k, w_v, s_k, s_v, b_v)
+        return fn(*args)

@@ -1,4 +1,4 @@
-"""Top-k expert routing (DESIGN §2.1): validation, then the chosen backend; and V-MoE's aux loss."""
+"""Top-k expert routing and V-MoE's aux loss (DESIGN §2.1): validation, then the chosen backend."""
 
 import math
 import numbers
@@ -8,11 +8,8 @@ import torch
 
 from ..backend import select_backend
 from ..checks import check_finite
-from ..routing_result import Routing
+from ..routing_result import GATES, Routing
 from .precision import autocast_off
-
-GATES = ("vmoe", "naive")
-AUX_LOSS_WEIGHT = 0.005
 
 
 def _check_int(name: str, value, low: int = 1) -> None:
@@ -93,14 +90,10 @@ def route(
     """
     check_route_args(logits, k, gate, capacity_factor, batch_priority, group_size)
     check_finite("route", logits=logits)
-    fn = select_backend("route", logits.device, backend)
+    args = (logits, k, gate, capacity_factor, batch_priority, group_size)
+    fn = select_backend("route", logits.device, backend, args)
     with autocast_off(logits):
-        return fn(logits, k, gate, capacity_factor, batch_priority, group_size)
-
-
-def _cv_squared(v: torch.Tensor) -> torch.Tensor:
-    """(std/mean)² along the last dim, population std."""
-    return v.var(dim=-1, unbiased=False) / v.mean(dim=-1) ** 2
+        return fn(*args)
 
 
 def vmoe_aux_loss(
@@ -132,16 +125,5 @@ def vmoe_aux_loss(
         if noisy_logits is None or noisy_logits.shape != clean_logits.shape:
             shape = None if noisy_logits is None else tuple(noisy_logits.shape)
             raise ValueError(f"noisy_logits must have the shape of clean_logits {tuple(clean_logits.shape)}, got {shape}")
-    if num_tokens == 0:
-        return clean_logits.sum() * 0.0
-    S = num_tokens if group_size is None else group_size
-    G = num_tokens // S
-    clean = clean_logits.reshape(G, S, num_experts)
-    importance = torch.softmax(clean, dim=-1).sum(dim=1)  # [G, E]
-    loss = AUX_LOSS_WEIGHT * _cv_squared(importance)
-    if use_load:
-        sigma = noise_std / num_experts
-        threshold = torch.topk(noisy_logits, k, dim=-1, sorted=True).values[:, k - 1].reshape(G, S, 1)
-        p = 0.5 * torch.special.erfc((threshold - clean) / (sigma * math.sqrt(2.0)))  # 1 − Φ
-        loss = loss + AUX_LOSS_WEIGHT * _cv_squared(p.mean(dim=1))
-    return loss.mean()
+    args = (clean_logits, noisy_logits if use_load else None, k, noise_std, group_size, use_load)
+    return select_backend("vmoe_aux_loss", clean_logits.device, "torch", args)(*args)  # plain tensor ops, any device

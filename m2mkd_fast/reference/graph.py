@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .random import philox_uniform
 
-__all__ = ["graph_log_affinity", "graph_attention", "graph_noise"]
+__all__ = ["graph_log_affinity", "graph_attention", "graph_noise", "graph_sampled_bias"]
 
 _EPS = torch.finfo(torch.float32).eps
 _TINY = torch.finfo(torch.float32).tiny
@@ -85,7 +85,7 @@ def graph_noise(seed: int, batch: int, receivers: int, senders: int) -> torch.Te
     return philox_uniform(seed, offsets).clamp(_EPS, 1 - _EPS)
 
 
-def _sampled_bias(
+def graph_sampled_bias(
     sig_r: torch.Tensor,
     sig_s: torch.Tensor,
     bandwidth: torch.Tensor,
@@ -94,6 +94,8 @@ def _sampled_bias(
     uniform: torch.Tensor,
     seed_clamp: bool,
 ) -> torch.Tensor:
+    """The sampled kernel bias [B,U,V] of :func:`graph_attention` for the uniforms ``uniform``
+    [B,U,V] (−∞ on truncated edges; ``seed_clamp``: the seed's clamping instead)."""
     dist = _distance(sig_r, sig_s)
     kept = _kept(dist, truncation)
     log_p = -(dist / bandwidth.to(dist.dtype))  # finite everywhere; truncated edges handled below
@@ -127,8 +129,8 @@ def graph_attention(
     · bandwidth 0-dim -> o [B,H,U,C].
 
     temperature=None: deterministic ℓ; a float: relaxed-Bernoulli sample from Philox stream
-    ``seed`` (or from ``uniform`` [B,U,V] in (0,1), e.g. torch.rand, when given: the seed's own
-    RNG, for benchmarks); threshold=True: the 0/−∞ eval mode. seed_clamp=True reproduces the
+    ``seed`` (an int or a 0-dim integer tensor; or from ``uniform`` [B,U,V] in (0,1), e.g.
+    torch.rand, when given: the seed's own RNG, for benchmarks); threshold=True: the 0/−∞ eval mode. seed_clamp=True reproduces the
     seed's RelaxedBernoulli clamping in sampled mode (truncated edges get a finite log-sample,
     about −32), for bounding the difference to our exact −∞.
     """
@@ -140,8 +142,8 @@ def graph_attention(
         if uniform is None:
             if seed is None:
                 raise ValueError("graph_attention: temperature is set, so a seed (int) is required")
-            uniform = graph_noise(seed, batch, receivers, senders)
-        bias = _sampled_bias(sig_r, sig_s, bandwidth, truncation, temperature, uniform, seed_clamp)  # [B,U,V]
+            uniform = graph_noise(int(seed), batch, receivers, senders)  # an int or a 0-dim int tensor
+        bias = graph_sampled_bias(sig_r, sig_s, bandwidth, truncation, temperature, uniform, seed_clamp)  # [B,U,V]
     else:
         bias = graph_log_affinity(sig_r, sig_s, bandwidth, truncation, threshold)[None].expand(batch, -1, -1)
     empty = torch.isneginf(bias).all(dim=-1, keepdim=True)  # [B,U,1]: receivers with no edge

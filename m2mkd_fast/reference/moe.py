@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..routing_result import Routing
 
-ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # activation name -> F.gelu(approximate=...), for every backend
 
 
 def _act(h: torch.Tensor, activation: str) -> torch.Tensor:

@@ -21,9 +21,8 @@ from typing import Optional
 
 import torch
 
-from ..routing_result import Routing
+from ..routing_result import GATES, Routing
 
-GATES = ("vmoe", "naive")
 AUX_LOSS_WEIGHT = 0.005
 
 

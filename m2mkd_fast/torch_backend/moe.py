@@ -17,7 +17,7 @@ e = expert[t, j] (DESIGN §2.1). Two paths, chosen per call from the tensors:
   weighted ``index_add_`` back to the tokens. The slice boundaries need the per-expert counts on
   the host: ONE host synchronisation per forward and one per backward (free on CPU; on CUDA it
   is the price of the fallback). It is wrapped as the custom ops
-  ``m2mkd_fast_torch::moe_mlp_sorted`` and ``..._backward`` (torch.library), whose output shapes
+  ``m2mkd_fast::moe_torch_fwd`` and ``m2mkd_fast::moe_torch_bwd`` (torch.library), whose output shapes
   depend only on the input shapes, so ``torch.compile(fullgraph=True)`` traces through it. The
   backward is hand-written: it saves only the hidden pre-activation and the expert outputs,
   recomputes the GELU and works expert by expert, so besides the saved [M, h] buffer it holds
@@ -38,9 +38,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..library import forbid_double_backward, op_name
+from ..reference.moe import ACTIVATIONS
 from ..routing_result import Routing
 
-_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The combine (Σ_j weight · expert output) and the routing-weight gradient run in float32
@@ -134,7 +135,7 @@ def _segments(sizes):
         start += n
 
 
-@torch.library.custom_op("m2mkd_fast_torch::moe_mlp_sorted", mutates_args=())
+@torch.library.custom_op(op_name("moe", "torch", "fwd"), mutates_args=())
 def _moe_mlp_sorted(
     x: torch.Tensor,
     expert: torch.Tensor,
@@ -192,7 +193,7 @@ def _(x, expert, slot, weight, w1, b1, w2, b2, approximate, save):
     return x.new_empty(x.shape), x.new_empty(N, w1.shape[2]), x.new_empty(N, x.shape[1])
 
 
-@torch.library.custom_op("m2mkd_fast_torch::moe_mlp_sorted_backward", mutates_args=())
+@torch.library.custom_op(op_name("moe", "torch", "bwd"), mutates_args=())
 def _moe_mlp_sorted_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -260,6 +261,9 @@ def _(grad_y, x, expert, slot, weight, w1, w2, hidden, out, approximate, need_bi
     )
 
 
+forbid_double_backward(op_name("moe", "torch", "bwd"))
+
+
 def _setup_context(ctx, inputs, output):
     x, expert, slot, weight, w1, b1, w2, b2, approximate, save = inputs
     if not save:
@@ -296,7 +300,7 @@ def _backward(ctx, grad_y, _grad_hidden, _grad_out):
     )
 
 
-torch.library.register_autograd("m2mkd_fast_torch::moe_mlp_sorted", _backward, setup_context=_setup_context)
+torch.library.register_autograd(op_name("moe", "torch", "fwd"), _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------- the op
@@ -310,7 +314,7 @@ def moe_mlp(
     activation: str = "gelu",
 ) -> torch.Tensor:
     """Sorted grouped-GEMM MoE MLP; the arguments are those of ``m2mkd_fast.ops.moe_mlp``."""
-    approximate = _APPROXIMATE[activation]
+    approximate = ACTIVATIONS[activation]
     if use_grouped_mm(x, w1):
         return _moe_mlp_grouped(x, r, w1, b1, w2, b2, approximate)
     weight = r.weight.to(_accumulation_dtype(x.dtype))

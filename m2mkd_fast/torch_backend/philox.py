@@ -22,8 +22,11 @@ _N_ROUNDS = 10
 _UNIFORM_SCALE = 4.6566127342e-10
 
 
-def _philox_word(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    seed &= (1 << 64) - 1
+def _philox_word(seed, offsets: torch.Tensor) -> torch.Tensor:
+    if isinstance(seed, torch.Tensor):  # 0-dim int64 in [0, 2**63): the key words stay tensors
+        seed = seed.to(device=offsets.device, dtype=torch.int64)
+    else:
+        seed = int(seed) & ((1 << 64) - 1)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     offsets = offsets.to(torch.int64)
     c0 = offsets & _MASK32
@@ -46,8 +49,9 @@ def _philox_word(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return c0
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in [0, 1) equal to Triton's ``tl.rand(seed, offsets)`` (offsets: integer tensor)."""
-    word = _philox_word(int(seed), offsets)
+def philox_uniform(seed, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1) equal to Triton's ``tl.rand(seed, offsets)`` (offsets: integer
+    tensor; seed: an int, or a 0-dim int64 tensor, as torch.compile traces it without a graph break)."""
+    word = _philox_word(seed, offsets)
     folded = torch.where(word >= 2**31, _MASK32 - word, word)
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=word.device)

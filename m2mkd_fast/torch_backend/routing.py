@@ -8,6 +8,7 @@ CUDA graphs. Conventions (dropped pairs keep their weight, BPR priority = first-
 T = 0) are those of ``m2mkd_fast.reference.routing``.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -84,3 +85,38 @@ def route(
     priority = weight[:, 0].detach() if batch_priority else None
     slot, counts = assign_slots(expert, priority, E, S, capacity)
     return Routing(expert, weight, slot, counts, capacity)
+
+
+AUX_LOSS_WEIGHT = 0.005
+
+
+def _cv_squared(v: torch.Tensor) -> torch.Tensor:
+    """(std/mean)² along the last dim, population std."""
+    return v.var(dim=-1, unbiased=False) / v.mean(dim=-1) ** 2
+
+
+def vmoe_aux_loss(
+    clean_logits: torch.Tensor,
+    noisy_logits: Optional[torch.Tensor],
+    k: int,
+    noise_std: float,
+    group_size: Optional[int],
+    use_load: bool,
+) -> torch.Tensor:
+    """V-MoE's auxiliary loss vectorised over groups (arguments validated by
+    ``m2mkd_fast.ops.vmoe_aux_loss``): 0.005·CV²(importance) [+ 0.005·CV²(load) with use_load]
+    per group of S tokens, mean over groups; 0-dim, 0 for T = 0."""
+    num_tokens, num_experts = clean_logits.shape
+    if num_tokens == 0:
+        return clean_logits.sum() * 0.0
+    S = num_tokens if group_size is None else group_size
+    G = num_tokens // S
+    clean = clean_logits.reshape(G, S, num_experts)
+    importance = torch.softmax(clean, dim=-1).sum(dim=1)  # [G, E]
+    loss = AUX_LOSS_WEIGHT * _cv_squared(importance)
+    if use_load:
+        sigma = noise_std / num_experts
+        threshold = torch.topk(noisy_logits, k, dim=-1, sorted=True).values[:, k - 1].reshape(G, S, 1)
+        p = 0.5 * torch.special.erfc((threshold - clean) / (sigma * math.sqrt(2.0)))  # 1 − Φ
+        loss = loss + AUX_LOSS_WEIGHT * _cv_squared(p.mean(dim=1))
+    return loss.mean()

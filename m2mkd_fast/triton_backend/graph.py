@@ -5,7 +5,7 @@ Layers of this file, top to bottom:
 
 * :func:`graph_attention` — the backend function with the op's public signature. It normalises the
   signatures in torch (autograd differentiates through the normalisation) and calls the op.
-* ``m2mkd_fast::graph_attention_fwd`` / ``m2mkd_fast::graph_attention_bwd`` — custom ops with fake
+* ``m2mkd_fast::graph_triton_fwd`` / ``m2mkd_fast::graph_triton_bwd`` — custom ops with fake
   (meta) implementations, the forward registered with autograd whose backward is the second op.
   They take the unit-normalised signatures ŝ_r [U,S], ŝ_s [V,S] (float32) and return gradients
   with respect to them and to β.
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import graph as _k
+from ..library import forbid_double_backward, op_name
 
 __all__ = ["graph_attention"]
 
@@ -30,7 +31,7 @@ def _blocks(block_u: int, block_v: int):
     return (block_u, block_v) if block_u and block_v else None
 
 
-@torch.library.custom_op("m2mkd_fast::graph_attention_fwd", mutates_args=())
+@torch.library.custom_op(op_name("graph", "triton", "fwd"), mutates_args=())
 def _graph_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -40,14 +41,15 @@ def _graph_attention_fwd(
     bandwidth: torch.Tensor,
     truncation: Optional[float],
     temperature: Optional[float],
-    seed: int,
+    seed: torch.Tensor,
     threshold: bool,
     block_u: int,
     block_v: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B,H,U,C], lse [B,H,U] float32, base-2 log-sum-exp of the scores; 0 on empty rows)."""
+    """(o [B,H,U,C], lse [B,H,U] float32, base-2 log-sum-exp of the scores; 0 on empty rows).
+    seed: 0-dim int64 CPU tensor (read here, outside any traced graph)."""
     ell = _k.log_affinity(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold)
-    return _k.forward(q, k, v, ell, temperature, seed, _blocks(block_u, block_v))
+    return _k.forward(q, k, v, ell, temperature, int(seed), _blocks(block_u, block_v))
 
 
 @_graph_attention_fwd.register_fake
@@ -56,7 +58,7 @@ def _(q, k, v, sig_r_hat, sig_s_hat, bandwidth, truncation, temperature, seed, t
     return q.new_empty((B, H, U, C)), q.new_empty((B, H, U), dtype=torch.float32)
 
 
-@torch.library.custom_op("m2mkd_fast::graph_attention_bwd", mutates_args=())
+@torch.library.custom_op(op_name("graph", "triton", "bwd"), mutates_args=())
 def _graph_attention_bwd(
     grad_o: torch.Tensor,
     q: torch.Tensor,
@@ -69,7 +71,7 @@ def _graph_attention_bwd(
     bandwidth: torch.Tensor,
     truncation: Optional[float],
     temperature: Optional[float],
-    seed: int,
+    seed: torch.Tensor,
     threshold: bool,
     block_u: int,
     block_v: int,
@@ -80,7 +82,7 @@ def _graph_attention_bwd(
     ell = _k.log_affinity(sig_r_hat, sig_s_hat, bandwidth, truncation, threshold)
     sig_grad = signature_grad and not threshold
     dq, dk, dv, rr, rs, db = _k.backward(
-        grad_o, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature, seed, sig_grad,
+        grad_o, q, k, v, o, lse, ell, sig_r_hat, sig_s_hat, temperature, int(seed), sig_grad,
         _blocks(block_u, block_v), heads_per_program or None,
     )
     # ℓ = (ŝ_r·ŝ_s − 1)/β on kept pairs: ∂ℓ/∂ŝ_r = ŝ_s/β, ∂ℓ/∂ŝ_s = ŝ_r/β, ∂ℓ/∂β = −ℓ/β
@@ -104,19 +106,22 @@ def _(grad_o, q, k, v, o, lse, sig_r_hat, sig_s_hat, bandwidth, truncation, temp
     )
 
 
+forbid_double_backward(op_name("graph", "triton", "bwd"))
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, sig_r_hat, sig_s_hat, bandwidth, truncation, temperature, seed, threshold, block_u, block_v = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, sig_r_hat, sig_s_hat, bandwidth)
-    ctx.args = (truncation, temperature, seed, threshold, block_u, block_v)
+    ctx.save_for_backward(q, k, v, o, lse, sig_r_hat, sig_s_hat, bandwidth, seed)
+    ctx.args = (truncation, temperature, threshold, block_u, block_v)
 
 
 def _backward(ctx, grad_o, grad_lse):
-    q, k, v, o, lse, sig_r_hat, sig_s_hat, bandwidth = ctx.saved_tensors
-    truncation, temperature, seed, threshold, block_u, block_v = ctx.args
+    q, k, v, o, lse, sig_r_hat, sig_s_hat, bandwidth, seed = ctx.saved_tensors
+    truncation, temperature, threshold, block_u, block_v = ctx.args
     need = ctx.needs_input_grad
     signature_grad = not threshold and any(need[3:6])
-    dq, dk, dv, d_sig_r, d_sig_s, d_beta = torch.ops.m2mkd_fast.graph_attention_bwd(
+    dq, dk, dv, d_sig_r, d_sig_s, d_beta = torch.ops.m2mkd_fast.graph_triton_bwd(
         grad_o, q, k, v, o, lse, sig_r_hat, sig_s_hat, bandwidth,
         truncation, temperature, seed, threshold, block_u, block_v, 0, signature_grad,
     )
@@ -137,7 +142,7 @@ def graph_attention(
     bandwidth: torch.Tensor,
     truncation: Optional[float] = 0.9,
     temperature: Optional[float] = None,
-    seed: Optional[int] = None,
+    seed=None,
     threshold: bool = False,
     *,
     block_u: int = 0,
@@ -163,8 +168,10 @@ def graph_attention(
         sig_r, sig_s, bandwidth = sig_r.detach(), sig_s.detach(), bandwidth.detach()
     sig_r_hat = F.normalize(sig_r.float(), dim=-1, eps=1e-12)
     sig_s_hat = F.normalize(sig_s.float(), dim=-1, eps=1e-12)
-    o, _ = torch.ops.m2mkd_fast.graph_attention_fwd(
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(int(seed) if temperature is not None else 0, dtype=torch.int64)
+    o, _ = torch.ops.m2mkd_fast.graph_triton_fwd(
         q, k, v, sig_r_hat, sig_s_hat, bandwidth,
-        truncation, temperature, int(seed) if temperature is not None else 0, bool(threshold), int(block_u), int(block_v),
+        truncation, temperature, seed, bool(threshold), int(block_u), int(block_v),
     )
     return o

@@ -2,12 +2,12 @@
 
 ``moe_mlp`` is a thin wrapper over two torch.library custom ops (FlashAttention's layering):
 
-* ``m2mkd_fast_triton::moe_mlp`` — forward. Returns y and what the backward needs: the
+* ``m2mkd_fast::moe_triton_fwd`` — forward. Returns y and what the backward needs: the
   pre-activation Z and activation A of every kept pair (rows sorted by expert), and the dispatch
   index lists. Their shapes depend only on the input shapes (T·k rows, an upper bound), so the
   fake (meta) implementation needs no data and ``torch.compile(fullgraph=True)`` traces through.
   Z is only computed when a gradient will be needed (``save_for_backward``).
-* ``m2mkd_fast_triton::moe_mlp_backward`` — gradients of x, the routing weights, w1, b1, w2, b2,
+* ``m2mkd_fast::moe_triton_bwd`` — gradients of x, the routing weights, w1, b1, w2, b2,
   each only when asked for; wired to the forward op with ``torch.library.register_autograd``.
 
 No host synchronisation anywhere: the number of tokens per expert never leaves the device.
@@ -20,12 +20,14 @@ from typing import Optional
 import torch
 
 from ..kernels import moe as _k
+from ..library import forbid_double_backward, op_name
+from ..reference.moe import ACTIVATIONS
 from ..routing_result import Routing
 
-_NS = "m2mkd_fast_triton"
+_FWD, _BWD = op_name("moe", "triton", "fwd"), op_name("moe", "triton", "bwd")
 
 
-@torch.library.custom_op(f"{_NS}::moe_mlp", mutates_args=(), device_types=("cuda", "cpu"))
+@torch.library.custom_op(_FWD, mutates_args=(), device_types=("cuda", "cpu"))
 def _moe_mlp_fwd(
     x: torch.Tensor,
     expert: torch.Tensor,
@@ -35,14 +37,14 @@ def _moe_mlp_fwd(
     b1: Optional[torch.Tensor],
     w2: torch.Tensor,
     b2: Optional[torch.Tensor],
-    activation: str,
+    approximate: str,
     save_for_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _k.moe_forward(x, expert, weight, slot, w1, b1, w2, b2, activation, save_for_backward)
+    return _k.moe_forward(x, expert, weight, slot, w1, b1, w2, b2, approximate, save_for_backward)
 
 
 @_moe_mlp_fwd.register_fake
-def _(x, expert, weight, slot, w1, b1, w2, b2, activation, save_for_backward):
+def _(x, expert, weight, slot, w1, b1, w2, b2, approximate, save_for_backward):
     T, d = x.shape
     E, _, h = w1.shape
     P = T * expert.shape[1]
@@ -56,7 +58,7 @@ def _(x, expert, weight, slot, w1, b1, w2, b2, activation, save_for_backward):
     )
 
 
-@torch.library.custom_op(f"{_NS}::moe_mlp_backward", mutates_args=(), device_types=("cuda", "cpu"))
+@torch.library.custom_op(_BWD, mutates_args=(), device_types=("cuda", "cpu"))
 def _moe_mlp_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -71,20 +73,20 @@ def _moe_mlp_bwd(
     pair_of_row: torch.Tensor,
     row_of_pair: torch.Tensor,
     offsets: torch.Tensor,
-    activation: str,
+    approximate: str,
     need_dx: bool,
     need_dweight: bool,
     need_dw1: bool,
     need_dw2: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _k.moe_backward(
-        dy, x, expert, weight, w1, b1, w2, b2, z, a, pair_of_row, row_of_pair, offsets, activation,
+        dy, x, expert, weight, w1, b1, w2, b2, z, a, pair_of_row, row_of_pair, offsets, approximate,
         need_dx, need_dweight, need_dw1, need_dw2,
     )
 
 
 @_moe_mlp_bwd.register_fake
-def _(dy, x, expert, weight, w1, b1, w2, b2, z, a, pair_of_row, row_of_pair, offsets, activation,
+def _(dy, x, expert, weight, w1, b1, w2, b2, z, a, pair_of_row, row_of_pair, offsets, approximate,
       need_dx, need_dweight, need_dw1, need_dw2):
     E, _, h = w1.shape
     d = x.shape[1]
@@ -102,10 +104,13 @@ def _(dy, x, expert, weight, w1, b1, w2, b2, z, a, pair_of_row, row_of_pair, off
     )
 
 
+forbid_double_backward(_BWD)
+
+
 def _setup_context(ctx, inputs, output):
-    x, expert, weight, slot, w1, b1, w2, b2, activation, save_for_backward = inputs
+    x, expert, weight, slot, w1, b1, w2, b2, approximate, save_for_backward = inputs
     _, z, a, pair_of_row, row_of_pair, offsets = output
-    ctx.activation = activation
+    ctx.approximate = approximate
     ctx.saved = save_for_backward
     ctx.save_for_backward(x, expert, weight, w1, b1, w2, b2, z, a, pair_of_row, row_of_pair, offsets)
 
@@ -123,7 +128,7 @@ def _backward(ctx, dy, *_unused):
     if dy is None:
         dy = torch.zeros_like(x)
     dx, dweight, dw1, db1, dw2, db2 = _moe_mlp_bwd(
-        dy, x, expert, weight, w1, b1, w2, b2, z, a, pair_of_row, row_of_pair, offsets, ctx.activation,
+        dy, x, expert, weight, w1, b1, w2, b2, z, a, pair_of_row, row_of_pair, offsets, ctx.approximate,
         need_dx, need_dweight, need_dw1, need_dw2,
     )
     return (
@@ -140,7 +145,7 @@ def _backward(ctx, dy, *_unused):
     )
 
 
-torch.library.register_autograd(f"{_NS}::moe_mlp", _backward, setup_context=_setup_context)
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
 
 def moe_mlp(
@@ -159,12 +164,12 @@ def moe_mlp(
     b2 [E, d] | None · activation "gelu" | "gelu_tanh"  →  y [T, d].
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. d and h multiples of 8.
     """
-    if activation not in _k.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(_k.ACTIVATIONS)}, got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if x.dtype == torch.float64:
         raise ValueError("moe_mlp (triton): x is float64, which the Triton kernels do not compute; use float32/bf16/fp16 or backend='cpp'/'torch'")
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         x = x.contiguous()  # the gathered loads want unit-stride rows
     tensors = (x, r.weight, w1, b1, w2, b2)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return _moe_mlp_fwd(x, r.expert, r.weight, r.slot, w1, b1, w2, b2, activation, save)[0]
+    return _moe_mlp_fwd(x, r.expert, r.weight, r.slot, w1, b1, w2, b2, ACTIVATIONS[activation], save)[0]

@@ -1,8 +1,8 @@
 """Top-k expert routing on Triton (DESIGN §2.1): m2mkd_fast.kernels.routing.
 
-``route`` wraps the torch.library custom op ``m2mkd_fast_triton::route`` (weight, expert, slot,
-counts; shapes from the input shapes only, so torch.compile traces through it) whose autograd
-(``m2mkd_fast_triton::route_backward``) carries the gradient of the weights to the logits. The
+``route`` wraps the torch.library custom op ``m2mkd_fast::routing_triton_fwd`` (weight, expert,
+slot, counts; shapes from the input shapes only, so torch.compile traces through it) whose autograd
+(``m2mkd_fast::routing_triton_bwd``) carries the gradient of the weights to the logits. The
 capacity is computed on the host from Python numbers (T, k, cf, E): nothing is read back from
 the device. Integer outputs equal the oracle's (m2mkd_fast.reference.routing) exactly.
 """
@@ -12,13 +12,13 @@ from typing import Optional
 import torch
 
 from ..kernels import routing as _k
-from ..routing_result import Routing, expert_capacity
+from ..library import forbid_double_backward, op_name
+from ..routing_result import GATES, Routing, expert_capacity
 
-_NS = "m2mkd_fast_triton"
-GATES = ("vmoe", "naive")
+_FWD, _BWD = op_name("routing", "triton", "fwd"), op_name("routing", "triton", "bwd")
 
 
-@torch.library.custom_op(f"{_NS}::route", mutates_args=(), device_types=("cuda", "cpu"))
+@torch.library.custom_op(_FWD, mutates_args=(), device_types=("cuda", "cpu"))
 def _route_fwd(
     logits: torch.Tensor, k: int, gate: str, capacity: int, batch_priority: bool, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -38,7 +38,7 @@ def _(logits, k, gate, capacity, batch_priority, group_size):
     )
 
 
-@torch.library.custom_op(f"{_NS}::route_backward", mutates_args=(), device_types=("cuda", "cpu"))
+@torch.library.custom_op(_BWD, mutates_args=(), device_types=("cuda", "cpu"))
 def _route_bwd(grad_weight: torch.Tensor, logits: torch.Tensor, expert: torch.Tensor, gate: str) -> torch.Tensor:
     return _k.route_backward(grad_weight, logits, expert, gate == "vmoe")
 
@@ -46,6 +46,9 @@ def _route_bwd(grad_weight: torch.Tensor, logits: torch.Tensor, expert: torch.Te
 @_route_bwd.register_fake
 def _(grad_weight, logits, expert, gate):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+forbid_double_backward(_BWD)
 
 
 def _setup_context(ctx, inputs, output):
@@ -61,7 +64,7 @@ def _backward(ctx, grad_weight, _g_expert, _g_slot, _g_counts):
     return _route_bwd(grad_weight, logits, expert, ctx.gate), None, None, None, None, None
 
 
-torch.library.register_autograd(f"{_NS}::route", _backward, setup_context=_setup_context)
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
 
 def route(

@@ -6,8 +6,11 @@ the median over rounds), so a noisy shared machine hurts them alike. Peak RSS gr
 step is measured in a fresh subprocess per formulation (peak reset through
 /proc/self/clear_refs, then VmHWM minus the RSS before the step).
 
-    python benchmarks/bench_cpu_ops.py [--rounds 5] [--ops graph,graph_ba,readin,moe,routing]
+    python -m m2mkd_fast.bench.cpu_ops [--rounds 5] [--ops graph,graph_ba,readin,moe,routing]
                                        [--out benchmarks/results/cpu_ops.md]
+
+The backends run through the public ops with ``backend=``; the seed formulations are the
+oracle's (m2mkd_fast.reference).
 """
 
 import argparse
@@ -22,14 +25,15 @@ import torch
 import torch.nn.functional as F
 import torch.utils.benchmark as tb
 
+from .. import ops
+
 
 
 # ------------------------------------------------------------------------------ the cases
 def graph_case(prior: bool):
     """Tiny-ImageNet propagation: B=8, U=256 mediators, V=320 senders, H=6, C=64, S=64."""
-    from m2mkd_fast.cpp_backend.graph import graph_attention as cpp_graph
     from m2mkd_fast.reference.graph import graph_attention as ref_graph
-    from m2mkd_fast.torch_backend.graph import graph_attention as torch_graph
+    from m2mkd_fast.reference.graph import graph_log_affinity, graph_sampled_bias
 
     torch.manual_seed(0)
     B, H, U, V, C, S = 8, 6, 256, 320, 64, 64
@@ -54,20 +58,16 @@ def graph_case(prior: bool):
         return ref_graph(*leaves, truncation=truncation, temperature=0.5, uniform=torch.rand(B, U, V))
 
     def sdpa():  # dense bias as the seed builds it, then SDPA with a float mask
-        from m2mkd_fast.reference.graph import _sampled_bias
-
-        bias = _sampled_bias(*leaves[3:], truncation, 0.5, torch.rand(B, U, V), False)
+        bias = graph_sampled_bias(*leaves[3:], truncation, 0.5, torch.rand(B, U, V), False)
         empty = torch.isneginf(bias).all(-1, keepdim=True)
         bias = bias.masked_fill(empty, 0.0)
         return F.scaled_dot_product_attention(*leaves[:3], attn_mask=bias[:, None])
 
     with torch.no_grad():
-        from m2mkd_fast.cpp_backend.graph import edge_list
-
-        density = edge_list(sig_r, sig_s, torch.tensor(1.0), truncation)[1].numel() / (U * V)
+        density = torch.isfinite(graph_log_affinity(sig_r, sig_s, torch.tensor(1.0), truncation)).float().mean().item()
     forms = {
-        "cpp (sparse C++)": lambda: cpp_graph(*leaves, **kw),
-        "torch backend": lambda: torch_graph(*leaves, **kw),
+        "cpp (sparse C++)": lambda: ops.graph_attention(*leaves, **kw, backend="cpp"),
+        "torch backend": lambda: ops.graph_attention(*leaves, **kw, backend="torch"),
         "SDPA with float bias": sdpa,
         "eager, dense bias (seed)": eager,
     }
@@ -76,9 +76,7 @@ def graph_case(prior: bool):
 
 def readin_case():
     """Tiny-ImageNet read-in: B=8, U=64, V=64, Din=256, H=6, C=64."""
-    from m2mkd_fast.cpp_backend.readin import readin_attention as cpp_readin
     from m2mkd_fast.reference.readin import readin_attention_materialised
-    from m2mkd_fast.torch_backend.readin import readin_attention as torch_readin
 
     torch.manual_seed(0)
     B, U, V, Din, H, C = 8, 64, 64, 256, 6, 64
@@ -92,8 +90,8 @@ def readin_case():
     ]
     leaves = [t.requires_grad_() for t in leaves]
     forms = {
-        "cpp (C++)": lambda: cpp_readin(*leaves),
-        "folded + SDPA (torch backend)": lambda: torch_readin(*leaves),
+        "cpp (C++)": lambda: ops.readin_attention(*leaves, backend="cpp"),
+        "folded + SDPA (torch backend)": lambda: ops.readin_attention(*leaves, backend="torch"),
         "materialised (seed)": lambda: readin_attention_materialised(*leaves),
     }
     return forms, torch.randn(B, U, H, C), f"B={B} U={U} V={V} Din={Din} H={H} C={C}, all grads"
@@ -101,12 +99,7 @@ def readin_case():
 
 def moe_case():
     """V-MoE layer, tiny: T=3200, d=192, h=768, E=8, k=2, dropless, routing included."""
-    from m2mkd_fast.cpp_backend.moe import moe_mlp as cpp_moe
-    from m2mkd_fast.cpp_backend.routing import route as cpp_route
     from m2mkd_fast.reference import moe as ref_moe
-    from m2mkd_fast.reference.routing import route as ref_route
-    from m2mkd_fast.torch_backend.moe import moe_mlp as torch_moe
-    from m2mkd_fast.torch_backend.routing import route as torch_route
 
     torch.manual_seed(0)
     T, d, h, E, k = 3200, 192, 768, 8, 2
@@ -121,38 +114,38 @@ def moe_case():
     x2 = torch.randn(T * k, d).requires_grad_()
     grad = torch.randn(T, d)
 
-    def layer(route, mlp, **kw):
-        return lambda: mlp(x, route(x @ gate, k, **kw), w1, b1, w2, b2)
+    def layer(backend):
+        return lambda: ops.moe_mlp(x, ops.route(x @ gate, k, backend=backend), w1, b1, w2, b2, backend=backend)
+
+    def torch_route(logits, k, **kw):
+        return ops.route(logits, k, **kw, backend="torch")
 
     def floor():  # the dense MLP of equal active FLOPs: T·k rows through one d→h→d MLP
         y = F.linear(F.gelu(F.linear(x2, dense[0].t(), dense[1])), dense[2].t(), dense[3])
         return y.view(T, k, d).sum(1)
 
     forms = {
-        "cpp (C++ route + grouped MLP)": layer(cpp_route, cpp_moe),
-        "torch backend": layer(torch_route, torch_moe),
+        "cpp (C++ route + grouped MLP)": layer("cpp"),
+        "torch backend": layer("torch"),
         "dense MLP, equal FLOPs (floor)": floor,
-        "per-expert loop (seed)": layer(torch_route, ref_moe.moe_mlp_expert_loop),
+        "per-expert loop (seed)": lambda: ref_moe.moe_mlp_expert_loop(x, torch_route(x @ gate, k), w1, b1, w2, b2),
         "one-hot einsum, cf 1.05": lambda: ref_moe.moe_mlp_onehot_einsum(
             x, torch_route(x @ gate, k, capacity_factor=1.05), w1, b1, w2, b2
         ),
     }
-    del ref_route
     return forms, grad, f"T={T} d={d} h={h} E={E} k={k}, dropless, routing included, all grads"
 
 
 def routing_case():
     """Routing alone (forward + weight backward): T=3200, E=8, k=2, cf 1.05, BPR, groups of 1600."""
-    from m2mkd_fast.cpp_backend.routing import route as cpp_route
     from m2mkd_fast.reference.routing import route as ref_route
-    from m2mkd_fast.torch_backend.routing import route as torch_route
 
     torch.manual_seed(0)
     logits = torch.randn(3200, 8).requires_grad_()
     kw = dict(capacity_factor=1.05, batch_priority=True, group_size=1600)
     forms = {
-        "cpp (C++)": lambda: cpp_route(logits, 2, **kw).weight,
-        "torch backend": lambda: torch_route(logits, 2, **kw).weight,
+        "cpp (C++)": lambda: ops.route(logits, 2, **kw, backend="cpp").weight,
+        "torch backend": lambda: ops.route(logits, 2, **kw, backend="torch").weight,
         "oracle (Python loops)": lambda: ref_route(logits, 2, **kw).weight,
     }
     return forms, torch.randn(3200, 2), "T=3200 E=8 k=2, cf 1.05, BPR, group 1600"
@@ -214,7 +207,7 @@ def peak_rss_child(case, form):
 
 def peak_rss(case, form):
     proc = subprocess.run(
-        [sys.executable, __file__, "--rss-child", case, form], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "m2mkd_fast.bench.cpu_ops", "--rss-child", case, form], capture_output=True, text=True, timeout=900
     )
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("{"):

@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of the package's Triton kernels for GPU targets, on any machine.
 
-Each kernel module exports ``aot_specs()`` returning :class:`KernelSpec` items: one per kernel,
-autotune config and dtype. :func:`compile_spec` compiles one for a target with
+Each family module of this package (``routing``, ``moe``, ``readin``, ``graph``) exports
+``aot_specs()`` returning :class:`KernelSpec` items: one per kernel, autotune config and dtype,
+typed by :func:`signature`. :func:`compile_spec` compiles one for a target with
 ``triton.compile(ASTSource(...), target=GPUTarget(...))`` and runs the wheel's own ``ptxas -v``
 on the PTX to read registers and spills. Needs a real (not interpreted) ``@triton.jit``
 function: run with TRITON_INTERPRET unset.
@@ -13,7 +14,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import triton
 
@@ -74,6 +75,27 @@ def autotune_configs(kernel) -> list:
     """The autotune configs of a kernel (one empty config when it is not autotuned)."""
     configs = getattr(kernel, "configs", None)
     return list(configs) if configs else [triton.Config({})]
+
+
+def signature(fn, constexprs: dict, pointers: dict, scalars: Optional[dict] = None,
+              divisible: Callable[[str], bool] = lambda name: False) -> tuple[dict, tuple]:
+    """(Triton type of every argument of the JITFunction ``fn``, the integer arguments hinted as
+    multiples of 16). An argument is "constexpr" when it is in ``constexprs``, else
+    ``pointers[name]`` ("*bf16", "*i32", ...) or ``scalars[name]`` ("fp32", "i64", ...), else "i32",
+    hinted divisible when ``divisible(name)`` holds."""
+    types, hinted = {}, []
+    for name in fn.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in pointers:
+            types[name] = pointers[name]
+        elif scalars and name in scalars:
+            types[name] = scalars[name]
+        else:
+            types[name] = "i32"
+            if divisible(name):
+                hinted.append(name)
+    return types, tuple(hinted)
 
 
 def specs_for_configs(kernel_name: str, kernel, signature: dict, constexprs: dict, dtype: str, uses_dot: bool, divisible_args: Iterable[str] = ()) -> list[KernelSpec]:

@@ -209,19 +209,6 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(g, (x, weight, params[0], params[2]))
 
 
-def test_custom_ops_pass_opcheck():
-    T, E, k, d, h = 6, 3, 2, 4, 5
-    r = fast_route(torch.randn(T, E), k, capacity_factor=0.6)
-    x = torch.randn(T, d, requires_grad=True)
-    w1, b1, w2, b2 = [p.float().requires_grad_() for p in _params(E, d, h)]
-    args = (x, r.expert, r.slot, r.weight.detach().requires_grad_(), w1, b1, w2, b2, "none", True)
-    op = torch.ops.m2mkd_fast_torch.moe_mlp_sorted.default
-    torch.library.opcheck(op, args)
-    torch.library.opcheck(op, args[:5] + (None, w2, None, "tanh", True))
-    plain = [t.detach() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
-    torch.library.opcheck(op, tuple(plain[:-1]) + (False,), test_utils=("test_schema", "test_faketensor"))
-
-
 def test_inference_without_saved_buffers_matches():
     T, E, k, d, h = 40, 4, 2, 8, 12
     x = torch.randn(T, d)

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the package for sm_80 and sm_90a and print a resource report.
 
-    python -m m2mkd_fast.kernels.report [--quick] [--only TEXT ...] [--check] [--out FILE]
+    python -m m2mkd_fast.kernels.aot.report [--quick] [--only TEXT ...] [--check] [--out FILE]
 
 --quick compiles one config per kernel and dtype (the first autotune config); --only keeps the
 specs whose "kernel config dtype" line contains every given TEXT; --check exits
@@ -11,27 +11,20 @@ in a bf16 dot. The report ends with the roofline of every benchmark shape (m2mkd
 import argparse
 import datetime
 import importlib
-import os
 import sys
 
-KERNEL_MODULES = ("routing", "moe", "readin", "graph")
+from .. import interpreting
+from . import FAMILIES
 
 
 def collect_specs(quick: bool = False, only=()) -> list:
-    """KernelSpecs of every kernel module that exports ``aot_specs()`` (those whose
-    "kernel config dtype" contains every string of ``only``)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    """KernelSpecs of every op family's ``aot_specs()`` (m2mkd_fast.kernels.aot.<family>; those
+    whose "kernel config dtype" contains every string of ``only``)."""
+    if interpreting():
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (kernels are interpreted functions)")
     specs = []
-    for name in KERNEL_MODULES:
-        try:
-            module = importlib.import_module(f"m2mkd_fast.kernels.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"m2mkd_fast.kernels.{name}":
-                continue
-            raise
-        if not hasattr(module, "aot_specs"):
-            raise RuntimeError(f"m2mkd_fast.kernels.{name} exports no aot_specs(): its kernels cannot be checked")
+    for name in FAMILIES:
+        module = importlib.import_module(f"m2mkd_fast.kernels.aot.{name}")
         module_specs = [s for s in module.aot_specs() if all(t in f"{s.kernel} {s.config} {s.dtype}" for t in only)]
         if quick:
             seen, first = set(), []
@@ -49,7 +42,7 @@ def run(quick: bool = False, only=()) -> tuple[str, list]:
     import triton
 
     from m2mkd_fast import roofline
-    from m2mkd_fast.kernels.aot import compile_spec, problems
+    from .compile import compile_spec, problems
 
     rows, findings = [], []
     for spec in collect_specs(quick, only):
