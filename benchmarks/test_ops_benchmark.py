@@ -1,5 +1,5 @@
 """pytest-benchmark over the cases of `m2mkd-fast bench ops`: every op family, every formulation
-(seed, peers, each available backend), forward and forward+backward, at DESIGN §3's shapes for
+(seed, peers, each available backend), forward and forward+backward, at docs/design.md §3's shapes for
 the device (CPU shapes without a GPU).
 
     python -m pytest benchmarks/ --benchmark-only [--benchmark-group-by=group] [-k graph]

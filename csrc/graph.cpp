@@ -1,4 +1,4 @@
-// Kernel-modulated graph attention on CPU (DESIGN §2.4): sparse attention over an edge list.
+// Kernel-modulated graph attention on CPU (docs/design.md §2.4): sparse attention over an edge list.
 //
 // The Python wrapper builds the edge list ONCE per call from the signatures (CSR: row_ptr over
 // receivers, col = sender of each edge, only edges within the truncation radius) and the
@@ -565,7 +565,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_backward(
 }
 
 // ---------------------------------------------------------------------------------------------
-// relaxed-Bernoulli log-sample per (batch element, edge), DESIGN §2.4 / HELPERS "shared RNG".
+// relaxed-Bernoulli log-sample per (batch element, edge), docs/design.md §2.4 / HELPERS "shared RNG".
 template <typename T>
 struct SampleArgs {
   const T* logit_term;  // per edge: log p - log1p(-p), p = clamp(exp(logit), eps, 1 - eps)
@@ -630,7 +630,7 @@ M2_ALWAYS_INLINE void graph_sample_kernel_body(const SampleArgs<T>& a, int64_t t
 }
 M2_MULTIVERSION(graph_sample_kernel, (const SampleArgs<scalar_t>& a, int64_t s, int64_t e), (a, s, e))
 
-// relaxed-Bernoulli log-sample per (batch element, edge), DESIGN §2.4 / HELPERS "shared RNG":
+// relaxed-Bernoulli log-sample per (batch element, edge), docs/design.md §2.4 / HELPERS "shared RNG":
 // lb = logsigmoid((logit p + logit n) / t), deriv = d lb / d logit = sigmoid(-z) / (t (1 - p))
 // (p = exp(logit), zero where the clamp of p to [eps, 1 - eps] is active).
 template <typename T>

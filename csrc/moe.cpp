@@ -1,4 +1,4 @@
-// Grouped expert MLP on CPU (DESIGN §2.1): y[t] = Σ_kept w[t,j] · Expert_e(x[t]).
+// Grouped expert MLP on CPU (docs/design.md §2.1): y[t] = Σ_kept w[t,j] · Expert_e(x[t]).
 //
 // The kept (token, choice) pairs are counting-sorted by expert once (stable in pair order); each
 // expert's rows are one contiguous slice of a [M, ·] buffer (M = kept pairs: no padded E × C

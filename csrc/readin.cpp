@@ -1,4 +1,4 @@
-// Folded NAC read-in attention on CPU (DESIGN §2.3).
+// Folded NAC read-in attention on CPU (docs/design.md §2.3).
 //
 //   Tk = W_kᵀ q (per head)                      [B, U, H, Din]   (saved)
 //   Q' = Tk ⊙ s_k[u] / √C                        never stored whole

@@ -1,4 +1,4 @@
-// Top-k expert routing on CPU (DESIGN §2.1): the integer part.
+// Top-k expert routing on CPU (docs/design.md §2.1): the integer part.
 //
 //   route_topk(scores [T, E], k)                   -> expert [T, k]: the k largest scores of each
 //                                                     row, largest first, ties to the lower index

@@ -1,4 +1,4 @@
-"""Triton kernels for NAC kernel-modulated graph attention (DESIGN §2.4), forward and backward.
+"""Triton kernels for NAC kernel-modulated graph attention (docs/design.md §2.4), forward and backward.
 
 scores[b,h,u,v] = q[b,h,u]·k[b,h,v]/√C + ℓ_b[u,v],  o[b,h,u] = softmax_v(scores) · v[b,h].
 
@@ -172,7 +172,7 @@ def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _relaxed_bernoulli(ell, kept, offs, seed, inv_t, EPS: tl.constexpr):
-    """Log relaxed-Bernoulli sample ℓ_b and its derivative ∂ℓ_b/∂ℓ (DESIGN §2.4).
+    """Log relaxed-Bernoulli sample ℓ_b and its derivative ∂ℓ_b/∂ℓ (docs/design.md §2.4).
 
     p = clamp(exp ℓ, ε, 1−ε); n = clamp(rand(seed, offs), ε, 1−ε);
     z = (logit p + logit n) / t; ℓ_b = logsigmoid(z);
@@ -590,7 +590,7 @@ def tile_lists(ell: torch.Tensor, block_u: int, block_v: int) -> TileLists:
 def _dot_flags(dtype: torch.dtype, interpret: Optional[bool] = None) -> tuple[bool, str, str]:
     """(cast dot operands to fp32, precision of the q/k/v dots, precision of the signature dots).
 
-    The interpreter's bf16 dot is broken (DESIGN §6): there operands go to fp32. fp32 inputs get
+    The interpreter's bf16 dot is broken (docs/design.md §6): there operands go to fp32. fp32 inputs get
     exact fp32 dots ("ieee", as torch's fp32 matmul); bf16/fp16 inputs use the tensor cores, and
     TF32 for the fp32 signature contraction of the backward.
     """

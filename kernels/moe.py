@@ -1,4 +1,4 @@
-"""Triton kernels for the padding-free grouped expert MLP of V-MoE (DESIGN §2.1), forward and
+"""Triton kernels for the padding-free grouped expert MLP of V-MoE (docs/design.md §2.1), forward and
 backward. Kernels and launchers only: no autograd here (see m2mkd_fast.triton_backend.moe).
 
     y[t] = Σ_j kept(t,j) · w[t,j] · (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]),  e = expert[t,j]

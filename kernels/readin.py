@@ -1,4 +1,4 @@
-"""Triton kernels for NAC read-in attention in folded form (DESIGN §2.3), forward and backward.
+"""Triton kernels for NAC read-in attention in folded form (docs/design.md §2.3), forward and backward.
 
 The folded read-in is multi-head attention whose keys AND values are the layer-normed input
 tokens x itself, shared by every head, with head dimension Din for scores and outputs:
@@ -43,7 +43,7 @@ duplicates work at BLOCK_M = 64 with 8 warps), and in the dX kernel dXᵀ += T�
 
 Dot operands are the input dtype (bf16/fp16 → tensor cores, mma on sm_80, wgmma on sm_90a;
 fp32 → "ieee" FMA so fp32 results stay fp32-accurate); accumulation is always fp32. Under
-TRITON_INTERPRET=1, where bf16 ``tl.dot`` is broken (DESIGN §6), the launchers set DOT_FP32 so
+TRITON_INTERPRET=1, where bf16 ``tl.dot`` is broken (docs/design.md §6), the launchers set DOT_FP32 so
 operands are cast to fp32 first: the same numbers as the tensor core's exact bf16 products with
 fp32 accumulation.
 

@@ -1,4 +1,4 @@
-"""Triton kernels for V-MoE top-k routing (DESIGN §2.1) and for the expert-sorted index lists
+"""Triton kernels for V-MoE top-k routing (docs/design.md §2.1) and for the expert-sorted index lists
 the grouped expert MLP consumes. Kernels and launchers only: no autograd here (see
 m2mkd_fast.triton_backend.routing and .moe).
 

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also copy REPORT.md, results.json, config.yaml and figures/ here (e.g. results/)")
     p = sub.add_parser("bench", help="benchmark the ops and one m2mKD pair step, every formulation side by side",
                        description="Benchmark every op family (every available backend beside the seed's formulation "
-                                   "and the peers of DESIGN §3), sweeps, and one m2mKD pair training step; writes "
+                                   "and the peers of docs/design.md §3), sweeps, and one m2mKD pair training step; writes "
                                    "REPORT.md, bench.json and PNG plots into --out.")
     p.add_argument("what", nargs="?", default="all", choices=["ops", "step", "all", "ep"],
                    help="what to run (default: all); ep: one MoE layer with and without expert parallelism on "

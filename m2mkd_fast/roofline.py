@@ -4,7 +4,7 @@ Counts follow the usual conventions: a multiply-add is 2 FLOPs; attention backwa
 its forward (dQ, dK, dV and the recomputed scores), so forward+backward is 3.5x; an MLP's
 backward costs 2x its forward. "Minimum bytes" is what an ideal fused kernel must read and
 write at least once (inputs, weights, outputs, and for the backward their gradients), in the
-op's dtype. Ceilings are the H100 figures measured in DESIGN §3.
+op's dtype. Ceilings are the H100 figures measured in docs/design.md §3.
 """
 
 from dataclasses import dataclass
@@ -59,7 +59,7 @@ def graph_attention_roofline(B: int, H: int, U: int, V: int, C: int, density: fl
 
 
 def benchmark_shapes() -> list[Roofline]:
-    """The DESIGN §3 GPU benchmark shapes, bf16, forward and forward+backward."""
+    """The docs/design.md §3 GPU benchmark shapes, bf16, forward and forward+backward."""
     rows = []
     for backward in (False, True):
         rows.append(moe_mlp_roofline(25216, 768, 3072, 8, 2, backward=backward))

@@ -35,7 +35,7 @@ class Routing(NamedTuple):
 
 
 def expert_capacity(group_size: int, k: int, capacity_factor: Optional[float], num_experts: int) -> Optional[int]:
-    """Per-expert, per-group capacity (DESIGN §2.1): ceil((S·k)·cf/E) on Python floats, in that
+    """Per-expert, per-group capacity (docs/design.md §2.1): ceil((S·k)·cf/E) on Python floats, in that
     order, rounded up to a multiple of 4.
 
     None when dropless (capacity_factor None); 0 for an empty group; ValueError if cf ≤ 0 or the

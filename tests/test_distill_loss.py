@@ -1,4 +1,4 @@
-"""The m2mKD loss (DESIGN §2.5) against hand computations."""
+"""The m2mKD loss (docs/design.md §2.5) against hand computations."""
 
 import math
 

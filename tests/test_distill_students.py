@@ -1,4 +1,4 @@
-"""m2mKD module pairs and assembly (DESIGN §2.5) on the CPU presets: what trains, what flows
+"""m2mKD module pairs and assembly (docs/design.md §2.5) on the CPU presets: what trains, what flows
 where, and that assembly puts every distilled weight in the right place."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Kernel-modulated graph attention (DESIGN §2.4): oracle, every CPU backend (torch, cpp, triton interpreted), the op's checks."""
+"""Kernel-modulated graph attention (docs/design.md §2.4): oracle, every CPU backend (torch, cpp, triton interpreted), the op's checks."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Models: timm registration, stage split and composition, timm API, gradients (DESIGN §2.5, §5).
+"""Models: timm registration, stage split and composition, timm API, gradients (docs/design.md §2.5, §5).
 
 Covers the staged ViT/DeiT teachers, the meta models, V-MoE and NAC at their CPU presets, and
 the big presets on the meta device (built, parameter-counted, never run).

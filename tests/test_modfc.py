@@ -1,4 +1,4 @@
-"""ModFC, ModFFN and the code noise (DESIGN §2.2, §2.6)."""
+"""ModFC, ModFFN and the code noise (docs/design.md §2.2, §2.6)."""
 
 import math
 
@@ -103,7 +103,7 @@ def _modfc_by_hand(params: dict, prefix: str, x, code):
 
 
 def _modffn_by_hand(ffn: ModFFN, x, code, dtype=None):
-    """DESIGN §2.6 written out, in ``dtype`` (default: x's): LN → ModFC(D→2h) → GEGLU (first half
+    """docs/design.md §2.6 written out, in ``dtype`` (default: x's): LN → ModFC(D→2h) → GEGLU (first half
     the value, exact GELU of the second) → ModFC(h→D) → LayerScale → residual; no DropPath."""
     dtype = dtype or x.dtype
     params = {name: p.detach().to(dtype) for name, p in ffn.named_parameters()}

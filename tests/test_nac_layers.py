@@ -1,4 +1,4 @@
-"""NAC's attention layers: ReadInAttention and KernelModulatedAttention (DESIGN §2.3, §2.4)."""
+"""NAC's attention layers: ReadInAttention and KernelModulatedAttention (docs/design.md §2.3, §2.4)."""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""m2mKD module pairs (DESIGN §2.5): PairTask with the micro meta model, teacher and students.
+"""m2mKD module pairs (docs/design.md §2.5): PairTask with the micro meta model, teacher and students.
 
 For every pair index of a 4-stage split: the meta model and the teacher are frozen (no gradient,
 eval mode whatever the task's mode); the teacher logits are meta[i+1:](T_i(meta[:i](x))); every

@@ -1,4 +1,4 @@
-"""Read-in attention (DESIGN §2.3): oracle forms, the torch backend, and the op's checks."""
+"""Read-in attention (docs/design.md §2.3): oracle forms, the torch backend, and the op's checks."""
 
 
 import pytest

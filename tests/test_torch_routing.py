@@ -1,5 +1,5 @@
 """Top-k routing: the oracle against hand-computed cases, the torch backend against the oracle,
-the ops layer's validation, and V-MoE's auxiliary loss (DESIGN §2.1)."""
+the ops layer's validation, and V-MoE's auxiliary loss (docs/design.md §2.1)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tolerances that are tight and honest (DESIGN §6, the FlashAttention rule).
+"""Tolerances that are tight and honest (docs/design.md §6, the FlashAttention rule).
 
 A fast implementation in dtype D is accepted when its error against a float64 reference is at
 most ``factor`` times the error of the plain-PyTorch reference computed in D, plus a tiny atol.

@@ -1,6 +1,6 @@
 """CPU benchmark of the C++ backend against the torch backend and the seed's formulations.
 
-Every op forward + backward (all gradients), fp32, at DESIGN §3's CPU shapes; formulations of
+Every op forward + backward (all gradients), fp32, at docs/design.md §3's CPU shapes; formulations of
 one op are timed interleaved (round-robin, ``torch.utils.benchmark`` medians per round, then
 the median over rounds), so a noisy shared machine hurts them alike. Peak RSS growth of one
 step is measured in a fresh subprocess per formulation (peak reset through

@@ -1,7 +1,7 @@
-"""Benchmark cases for each op family: every formulation a user could pick, at DESIGN §3 shapes.
+"""Benchmark cases for each op family: every formulation a user could pick, at docs/design.md §3 shapes.
 
 A case builds its inputs once and returns a callable for one pass ("fwd" or "fwd+bwd").
-Formulations: the seed's (mk.reference), the peers of DESIGN §3 (dense MLP floor, one-hot
+Formulations: the seed's (mk.reference), the peers of docs/design.md §3 (dense MLP floor, one-hot
 einsum, SDPA with a float bias) and every available backend of our ops.
 """
 
@@ -63,7 +63,7 @@ def _backend_names(device: torch.device, op: str) -> list[str]:
 
 
 def shapes(device: torch.device, quick: bool) -> dict:
-    """The benchmark shapes: DESIGN §3's CPU (tiny) or GPU (full) shapes, or smaller with quick."""
+    """The benchmark shapes: docs/design.md §3's CPU (tiny) or GPU (full) shapes, or smaller with quick."""
     if device.type == "cuda":
         return {
             "moe": dict(T=25216, d=768, h=3072, E=8, k=2),

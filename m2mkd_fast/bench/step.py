@@ -1,4 +1,4 @@
-"""Training steps, our layers vs the seed's formulation (DESIGN §2.5).
+"""Training steps, our layers vs the seed's formulation (docs/design.md §2.5).
 
 * **pair step** (section "step"): one m2mKD pair — a frozen meta model (head and tail stages), a
   frozen teacher stage, and the student module with its stitch layers, trained by AdamW on the

@@ -1,4 +1,4 @@
-"""graph_attention on the C++ extension (DESIGN §2.4): sparse attention over the kept edges only.
+"""graph_attention on the C++ extension (docs/design.md §2.4): sparse attention over the kept edges only.
 
 Per call, once: the signature distances dist [U,V] (float32, float64 for float64 inputs; plain
 autograd-tracked torch ops, U·V·S work), the edge list of the kept edges as CSR (receiver rows,

@@ -1,4 +1,4 @@
-"""moe_mlp on the C++ extension (DESIGN §2.1): sorted pairs, per-expert GEMMs through ATen.
+"""moe_mlp on the C++ extension (docs/design.md §2.1): sorted pairs, per-expert GEMMs through ATen.
 
 torch.ops.m2mkd_fast.moe_cpp_fwd counting-sorts the kept (token, choice) pairs by expert
 once, gathers x into one [M, d] buffer (M = kept pairs; no padded E × C buffer), runs fc1 as

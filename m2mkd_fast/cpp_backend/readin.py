@@ -1,4 +1,4 @@
-"""readin_attention on the C++ extension (DESIGN §2.3, folded form).
+"""readin_attention on the C++ extension (docs/design.md §2.3, folded form).
 
 The keys and values of the folded read-in are the layer-normed tokens x, shared by every head,
 so per batch element the U·H query rows Q' = (W_kᵀ q) ⊙ s_k / √C attend to one [V, Din]

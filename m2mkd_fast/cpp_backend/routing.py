@@ -1,4 +1,4 @@
-"""route on the C++ extension (DESIGN §2.1).
+"""route on the C++ extension (docs/design.md §2.1).
 
 The scores are computed with the oracle's own ATen ops (softmax over all E in the logits' dtype
 for gate "vmoe", the logits themselves for "naive"), so the C++ selection compares exactly the

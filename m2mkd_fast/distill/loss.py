@@ -1,4 +1,4 @@
-"""The m2mKD loss (DESIGN.md §2.5) and the targets it is computed against.
+"""The m2mKD loss (docs/design.md §2.5) and the targets it is computed against.
 
 soft:  L = (1 − α) · SoftTargetCE(s, y') + α · τ² · Σ_{b,k} p_T (log p_T − log p_S) / (B · K)
        with p = softmax(logits / τ) and y' the (mixup/cutmix, label-smoothed) soft targets —

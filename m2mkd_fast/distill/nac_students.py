@@ -1,4 +1,4 @@
-"""NAC students for m2mKD (DESIGN §2.5): read-in, mediator and read-out modules that act on the
+"""NAC students for m2mKD (docs/design.md §2.5): read-in, mediator and read-out modules that act on the
 meta model's token sequence.
 
 During m2mKD the NAC modules are not graph attention:

@@ -1,4 +1,4 @@
-"""The m2mKD pipeline phases (DESIGN §2.5), each callable alone (the CLI's subcommands) or
+"""The m2mKD pipeline phases (docs/design.md §2.5), each callable alone (the CLI's subcommands) or
 chained by :meth:`Pipeline.reproduce`.
 
 Run directory layout (``root`` = ``--run-dir``)::
@@ -355,7 +355,7 @@ class Pipeline:
 
         ``pairs_in_parallel`` (under torchrun): instead of training each pair with DDP over all
         processes, process r trains pairs r, r + world, ... on its own device — the pairs are
-        independent (DESIGN §2.5), so this needs no communication until the final barrier."""
+        independent (docs/design.md §2.5), so this needs no communication until the final barrier."""
         meta = self.load_meta()
         teacher = self.load_teacher()
         n = meta.num_stages

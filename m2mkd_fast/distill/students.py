@@ -1,4 +1,4 @@
-"""Student models and their m2mKD modules (DESIGN §2.5).
+"""Student models and their m2mKD modules (docs/design.md §2.5).
 
 ``build_model`` makes any staged model of the config (meta, teacher, students) through timm's
 registry. For a student kind ("vmoe", "nac"):

@@ -1,4 +1,4 @@
-"""What the trainer trains: end-to-end models and m2mKD module pairs (DESIGN §2.5).
+"""What the trainer trains: end-to-end models and m2mKD module pairs (docs/design.md §2.5).
 
 A task's ``forward(images)`` returns ``(student_logits, teacher_logits | None, aux_loss | None)``;
 its trainable parameters are those with ``requires_grad``. Frozen models (the meta model, the
@@ -17,7 +17,7 @@ from ..models.stages import collect_aux_loss
 def model_aux_loss(model: nn.Module):
     """A model's auxiliary loss after its forward, or None when it has none: V-MoE's
     load-balancing loss (``model.aux_loss``, the sum over its MoE layers) and NAC's signature
-    regulariser (``model.signature_regulariser()``, DESIGN §2.6)."""
+    regulariser (``model.signature_regulariser()``, docs/design.md §2.6)."""
     total = None
     aux = getattr(model, "aux_loss", None)
     if isinstance(aux, torch.Tensor):

@@ -1,4 +1,4 @@
-"""Drop-in nn.Modules built on m2mkd_fast.ops (DESIGN §4)."""
+"""Drop-in nn.Modules built on m2mkd_fast.ops (docs/design.md §4)."""
 
 from .moe import MoEMLP
 from .modfc import ModFC, ModFFN, code_noise

@@ -1,4 +1,4 @@
-"""NAC's propagator attention, kernel-modulated by signatures, as a drop-in layer (DESIGN §2.4)."""
+"""NAC's propagator attention, kernel-modulated by signatures, as a drop-in layer (docs/design.md §2.4)."""
 
 import math
 from typing import Optional

@@ -1,4 +1,4 @@
-"""NAC's code-conditioned layers (DESIGN §2.2, §2.6): ModFC, ModFFN and the code noise."""
+"""NAC's code-conditioned layers (docs/design.md §2.2, §2.6): ModFC, ModFFN and the code noise."""
 
 import math
 
@@ -23,7 +23,7 @@ def code_noise(code: torch.Tensor, amount: float = 0.05) -> torch.Tensor:
 
 
 class ModFC(nn.Module):
-    """ModFC(x, c) = W · (x ⊙ s(c)) + b with s(c) = 1 + γ · LN(S · c) (DESIGN §2.2).
+    """ModFC(x, c) = W · (x ⊙ s(c)) + b with s(c) = 1 + γ · LN(S · c) (docs/design.md §2.2).
 
     LN has no affine and normalises over in_features (eps 1e-5); γ (``gain``) is a learnable
     scalar initialised to ``gain_init``; S (``code_proj``) is a bias-free Linear code -> in.

@@ -1,4 +1,4 @@
-"""MoEMLP: the drop-in mixture-of-experts MLP of V-MoE blocks (DESIGN §2.1, §4)."""
+"""MoEMLP: the drop-in mixture-of-experts MLP of V-MoE blocks (docs/design.md §2.1, §4)."""
 
 import math
 from typing import Optional
@@ -91,7 +91,7 @@ class MoEMLP(nn.Module):
         self.stats: dict = {}
 
     def reset_parameters(self) -> None:
-        """Seed initialisation (DESIGN §2.6): router trunc_normal(0.02), zero bias; each expert's
+        """Seed initialisation (docs/design.md §2.6): router trunc_normal(0.02), zero bias; each expert's
         fc1/fc2 kaiming_uniform(a=√5) as nn.Linear (fan-in = its input width), zero biases."""
         nn.init.trunc_normal_(self.gate_weight, std=0.02)
         if self.gate_bias is not None:

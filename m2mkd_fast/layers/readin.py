@@ -1,4 +1,4 @@
-"""NAC's read-in attention as a drop-in layer (DESIGN §2.3)."""
+"""NAC's read-in attention as a drop-in layer (docs/design.md §2.3)."""
 
 from typing import Optional
 

@@ -1,6 +1,6 @@
 """Stitch layers: map token features between the meta model's width and a student's width.
 
-m2mKD (DESIGN §2.5) wraps every student module in a pre-stitch (meta width → student width) and a
+m2mKD (docs/design.md §2.5) wraps every student module in a pre-stitch (meta width → student width) and a
 post-stitch (student width → meta width):
 
 * V-MoE students use ``Stitch(in_dim, out_dim, norm=True)``: LayerNorm(in_dim, eps) then

@@ -1,4 +1,4 @@
-"""timm-registered models of m2mKD, each split into stages (DESIGN §2.5).
+"""timm-registered models of m2mKD, each split into stages (docs/design.md §2.5).
 
 Importing this package registers every model with timm, so afterwards
 ``timm.create_model(name, pretrained=False, num_classes=...)`` works for:

@@ -1,4 +1,4 @@
-"""Graph priors for NAC mediator signatures (DESIGN §2.4), without a networkx dependency.
+"""Graph priors for NAC mediator signatures (docs/design.md §2.4), without a networkx dependency.
 
 A prior is a graph over the mediators; its signatures are fitted so that the kernel's truncation
 reproduces the graph: edge (u, v) ⇔ 1 − cos(σ_u, σ_v) < truncation. As in the NAC seed, signatures

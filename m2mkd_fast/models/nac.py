@@ -1,4 +1,4 @@
-"""Neural Attentive Circuits (Rahaman et al. 2022) as used by m2mKD (DESIGN §2.2–§2.6).
+"""Neural Attentive Circuits (Rahaman et al. 2022) as used by m2mKD (docs/design.md §2.2–§2.6).
 
 Data flow of :class:`NeuralAttentiveCircuit` (D state width, Dc = D code width, S signature width):
 

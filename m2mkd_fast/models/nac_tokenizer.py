@@ -1,4 +1,4 @@
-"""NAC's image tokenizer (DESIGN §2.6): a 2-stage ConvNeXt plus a learned positional grid.
+"""NAC's image tokenizer (docs/design.md §2.6): a 2-stage ConvNeXt plus a learned positional grid.
 
 Images ``[B, C, H, W]`` → stem (conv k=s, stride s; LayerNorm) → stage 1 (ConvNeXt blocks at
 ``dims[0]``) → downsample (LayerNorm; conv 2×2 stride 2) → stage 2 (blocks at ``dims[1]``) →

@@ -1,6 +1,6 @@
 """What every m2mKD-staged model shares: the stage split of a depth, and stage views.
 
-A staged model is cut into ``num_stages`` consecutive stages (DESIGN §2.5). It offers
+A staged model is cut into ``num_stages`` consecutive stages (docs/design.md §2.5). It offers
 
 * ``model.num_stages`` and ``model.stages``: an ``nn.ModuleList`` of :class:`ModelStage` views,
   built afresh on each access. A view holds (shares, never copies) the model's own modules and

@@ -1,4 +1,4 @@
-"""timm's VisionTransformer split into m2mKD stages, the teacher and meta models (DESIGN §2.5).
+"""timm's VisionTransformer split into m2mKD stages, the teacher and meta models (docs/design.md §2.5).
 
 :class:`StagedVisionTransformer` is timm's ``VisionTransformer`` (same parameter names, so timm's
 pretrained checkpoints load unchanged) whose blocks are grouped into ``num_stages`` consecutive

@@ -1,4 +1,4 @@
-"""V-MoE on timm (DESIGN §2.1, §2.6), split into m2mKD stages.
+"""V-MoE on timm (docs/design.md §2.1, §2.6), split into m2mKD stages.
 
 :class:`VisionMoE` is a :class:`~m2mkd_fast.models.vit_stages.StagedVisionTransformer` whose
 MLP in the chosen blocks is a :class:`~m2mkd_fast.layers.MoEMLP` (state-dict names

@@ -1,4 +1,4 @@
-"""NAC kernel-modulated graph attention, validated and dispatched (DESIGN §2.4)."""
+"""NAC kernel-modulated graph attention, validated and dispatched (docs/design.md §2.4)."""
 
 import math
 import numbers
@@ -62,7 +62,7 @@ def graph_attention(
     threshold: bool = False,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Kernel-modulated graph attention of NAC's propagators (DESIGN §2.4).
+    """Kernel-modulated graph attention of NAC's propagators (docs/design.md §2.4).
 
     scores[b,h,u,v] = q·k/√C + bias[b,u,v]; softmax over v; o = Σ_v a·v, where the kernel
     bias comes from the signatures: dist = 1 − cos(σ_u, σ_v), ℓ = −dist/β on kept edges

@@ -1,4 +1,4 @@
-"""The MoE MLP (DESIGN §2.1): validation, then the chosen backend."""
+"""The MoE MLP (docs/design.md §2.1): validation, then the chosen backend."""
 
 from typing import Optional
 

@@ -1,4 +1,4 @@
-"""NAC read-in attention, validated and dispatched (DESIGN §2.3)."""
+"""NAC read-in attention, validated and dispatched (docs/design.md §2.3)."""
 
 from typing import Optional
 
@@ -30,7 +30,7 @@ def readin_attention(
     b_v: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """NAC read-in attention in its folded form: U latents attend to V tokens (DESIGN §2.3).
+    """NAC read-in attention in its folded form: U latents attend to V tokens (docs/design.md §2.3).
 
     m[b,u,h] = Σ_v softmax_v(q[b,u,h] · k[b,v,u,h] / √C) · val[b,v,u,h], where the per-(token,
     latent) key and value are ModFCs of the token with the latent's code,

@@ -1,4 +1,4 @@
-"""Top-k expert routing and V-MoE's aux loss (DESIGN §2.1): validation, then the chosen backend."""
+"""Top-k expert routing and V-MoE's aux loss (docs/design.md §2.1): validation, then the chosen backend."""
 
 import math
 import numbers
@@ -66,7 +66,7 @@ def route(
     group_size: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> Routing:
-    """Route T tokens to k of E experts each (DESIGN §2.1).
+    """Route T tokens to k of E experts each (docs/design.md §2.1).
 
     Args:
         logits: [T, E] float router logits (noise, if any, already added by the caller).
@@ -104,7 +104,7 @@ def vmoe_aux_loss(
     group_size: Optional[int] = None,
     training: bool = True,
 ) -> torch.Tensor:
-    """V-MoE's auxiliary load-balancing loss (DESIGN §2.1), vectorised over groups.
+    """V-MoE's auxiliary load-balancing loss (docs/design.md §2.1), vectorised over groups.
 
     Per group of S tokens: importance_e = Σ_t softmax(clean)_e and, in training with
     noise_std > 0, load_e = mean_t [1 − Φ((τ_t − clean_e)/σ)] with τ_t the k-th largest noisy

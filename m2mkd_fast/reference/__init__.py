@@ -1,4 +1,4 @@
-"""Plain-PyTorch oracles of every op, written to be obviously right (DESIGN §2), slow is fine.
+"""Plain-PyTorch oracles of every op, written to be obviously right (docs/design.md §2), slow is fine.
 
 Nothing here imports ops/, backend or kernels: an oracle that shares code with what it checks
 proves nothing. The seed's own formulations (per-expert loop, one-hot einsum dispatch,

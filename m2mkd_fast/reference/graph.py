@@ -1,4 +1,4 @@
-"""NAC propagation: kernel-modulated graph attention (DESIGN §2.4), the seed's dense formulation.
+"""NAC propagation: kernel-modulated graph attention (docs/design.md §2.4), the seed's dense formulation.
 
 Receivers u (signatures sig_r [U,S]) attend to senders v (sig_s [V,S]) with a kernel bias:
 

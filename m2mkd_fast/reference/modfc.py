@@ -1,4 +1,4 @@
-"""ModFC, NAC's code-conditioned linear layer (DESIGN §2.2), as a plain function.
+"""ModFC, NAC's code-conditioned linear layer (docs/design.md §2.2), as a plain function.
 
     ModFC(x, c) = W · (x ⊙ s(c)) + b,    s(c) = 1 + γ · LN(S · c)
 

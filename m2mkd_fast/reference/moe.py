@@ -1,4 +1,4 @@
-"""Oracle of the MoE MLP, plus the two formulations users have today (DESIGN §2.1, §3).
+"""Oracle of the MoE MLP, plus the two formulations users have today (docs/design.md §2.1, §3).
 
 y[t] = Σ over kept (t, j) of weight[t, j] · Expert_{expert[t, j]}(x[t]),
 Expert_e(x) = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]   (timm's Mlp: fc1, GELU, fc2).

@@ -1,4 +1,4 @@
-"""NAC read-in attention (DESIGN §2.3): the folded form and the seed's materialised form.
+"""NAC read-in attention (docs/design.md §2.3): the folded form and the seed's materialised form.
 
 Receivers are U latents with queries q [B,U,H,C]; senders are V tokens x [B,V,Din] (already
 layer-normed). Key and value of token v *for latent u* are ModFCs of x[b,v] with latent u's code:

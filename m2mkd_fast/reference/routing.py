@@ -1,4 +1,4 @@
-"""Oracle of top-k expert routing and of the V-MoE auxiliary loss (DESIGN §2.1).
+"""Oracle of top-k expert routing and of the V-MoE auxiliary loss (docs/design.md §2.1).
 
 Written to be obviously right, not fast: the expert choice and the slot assignment are plain
 Python loops over groups, tokens and choices. Every backend's ``route`` must return exactly the
@@ -62,7 +62,7 @@ def route(
     batch_priority: bool = False,
     group_size: Optional[int] = None,
 ) -> Routing:
-    """Top-k routing of T tokens over E experts (DESIGN §2.1). Returns a :class:`Routing`.
+    """Top-k routing of T tokens over E experts (docs/design.md §2.1). Returns a :class:`Routing`.
 
     logits [T, E] float (already noisy in training; the layer adds the noise).
     gate "vmoe": g = softmax(logits) over all E, choose the top-k of g (ties → lower expert),
@@ -125,7 +125,7 @@ def vmoe_aux_loss(
     group_size: Optional[int] = None,
     training: bool = True,
 ) -> torch.Tensor:
-    """V-MoE's auxiliary loss, per group then the mean over groups (DESIGN §2.1).
+    """V-MoE's auxiliary loss, per group then the mean over groups (docs/design.md §2.1).
 
     importance_e = Σ_t softmax(clean)_e;  load_e = mean_t [1 − Φ((τ_t − clean_e)/σ)] with
     τ_t the k-th largest noisy logit of token t and σ = noise_std / E.

@@ -1,4 +1,4 @@
-"""graph_attention on plain PyTorch (DESIGN §2.4): the kernel bias built once, then attention.
+"""graph_attention on plain PyTorch (docs/design.md §2.4): the kernel bias built once, then attention.
 
 The kernel bias is computed once per call from the signatures: ℓ [U,V] (deterministic and
 threshold modes, broadcast over batch and heads) or [B,U,V] (sampled mode, shared by the

@@ -1,7 +1,7 @@
 """The MoE MLP in plain PyTorch: sort the (token, choice) pairs by expert once, then a grouped GEMM.
 
 y[t] = Σ over kept (t, j) of weight[t, j] · (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]),
-e = expert[t, j] (DESIGN §2.1). Two paths, chosen per call from the tensors:
+e = expert[t, j] (docs/design.md §2.1). Two paths, chosen per call from the tensors:
 
 * **grouped** — ``torch._grouped_mm`` on CUDA tensors in bfloat16 whose device passes a one-time
   probe (Hopper and newer; checked at run time, never assumed) and whose widths are multiples of

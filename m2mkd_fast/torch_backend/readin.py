@@ -1,4 +1,4 @@
-"""readin_attention on plain PyTorch: the folded form (DESIGN §2.3) on scaled_dot_product_attention.
+"""readin_attention on plain PyTorch: the folded form (docs/design.md §2.3) on scaled_dot_product_attention.
 
 Keys and values of the folded form are the layer-normed tokens x themselves, identical for
 every head. So the H heads of the U receivers are simply H·U query rows attending to the same

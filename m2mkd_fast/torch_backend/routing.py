@@ -1,4 +1,4 @@
-"""Top-k expert routing in plain, vectorised PyTorch (DESIGN §2.1; same results as the oracle).
+"""Top-k expert routing in plain, vectorised PyTorch (docs/design.md §2.1; same results as the oracle).
 
 No Python loop over tokens, experts or groups and no host synchronisation: the capacity comes
 from Python ints (shapes), the expert choice from a stable descending sort (ties → lower expert

@@ -1,4 +1,4 @@
-"""Triton backend of ``graph_attention`` (DESIGN §2.4): torch.library custom ops around the
+"""Triton backend of ``graph_attention`` (docs/design.md §2.4): torch.library custom ops around the
 kernels in m2mkd_fast.kernels.graph.
 
 Layers of this file, top to bottom:

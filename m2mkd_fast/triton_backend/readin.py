@@ -1,4 +1,4 @@
-"""readin_attention on Triton: the folded form (DESIGN §2.3) around the kernels in
+"""readin_attention on Triton: the folded form (docs/design.md §2.3) around the kernels in
 m2mkd_fast.kernels.readin.
 
     Q' = (W_kᵀ q) ⊙ s_k                [B, H, U, Din]   torch matmul (B·H small GEMMs)
@@ -120,7 +120,7 @@ def readin_attention(
 ) -> torch.Tensor:
     """q [B,U,H,C] · x [B,V,Din] · w_k, w_v [H,C,Din] · s_k, s_v [U,Din] · b_v [H,C] | None -> m [B,U,H,C].
 
-    Folded read-in attention (DESIGN §2.3) with the attention core in Triton; scale 1/√C with C
+    Folded read-in attention (docs/design.md §2.3) with the attention core in Triton; scale 1/√C with C
     the head dim of q. Only for the cases :func:`supports` accepts (dispatch checks).
     Multiples of 16 keep the loads vectorised; 256 and 320, the NAC shapes, waste no column.
     Inputs are validated by m2mkd_fast.ops.readin_attention.

@@ -1,4 +1,4 @@
-"""Top-k expert routing on Triton (DESIGN §2.1): m2mkd_fast.kernels.routing.
+"""Top-k expert routing on Triton (docs/design.md §2.1): m2mkd_fast.kernels.routing.
 
 ``route`` wraps the torch.library custom op ``m2mkd_fast::routing_triton_fwd`` (weight, expert,
 slot, counts; shapes from the input shapes only, so torch.compile traces through it) whose autograd
