@@ -120,6 +120,26 @@ def test_training_checkpoint_round_trip_and_config_check(tmp_path):
                                  config=cfg, phase="finetune")
 
 
+
+def test_fp16_loss_scale_survives_a_checkpoint(tmp_path):
+    """The GradScaler's scale and growth tracker travel in the checkpoint's extra tensors, so a
+    resumed fp16 run skips and scales exactly the steps the uninterrupted run does."""
+    from m2mkd_fast.distill.trainer import _load_scaler, _scaler_state
+
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    scaler.scale(torch.ones(()))  # the scale exists once used
+    scaler.update(new_scale=1024.0)
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters())
+    p = save_training_checkpoint(tmp_path / "last.safetensors", model=m, optimizer=opt, scheduler_state={},
+                                 progress={"epoch": 0, "step_in_epoch": 1}, config={}, phase="meta",
+                                 rng_by_rank=[rng_state()], extra=_scaler_state(scaler))
+    st = load_training_checkpoint(p, model=m, optimizer=opt, config={}, phase="meta")
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    _load_scaler(fresh, st["extra"]["grad_scaler"])
+    assert fresh.get_scale() == 1024.0 and fresh.state_dict() == scaler.state_dict()
+    assert _scaler_state(torch.amp.GradScaler("cpu", enabled=False)) == {}
+
 def test_config_differences():
     d = config_differences({"a": {"b": 1, "c": 2}, "run": 1}, {"a": {"b": 1, "c": 3}, "run": 2, "new": 0})
     assert len(d) == 2 and d[0].startswith("a.c") and d[1].startswith("new")

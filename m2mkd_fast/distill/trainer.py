@@ -329,6 +329,22 @@ def _die_after(step: int):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _scaler_state(scaler: torch.amp.GradScaler) -> dict:
+    """The fp16 loss scaler's state as checkpoint tensors ({} when it is off)."""
+    if not scaler.is_enabled():
+        return {}
+    sd = scaler.state_dict()
+    return {"grad_scaler": torch.tensor([sd["scale"], sd["_growth_tracker"]], dtype=torch.float64)}
+
+
+def _load_scaler(scaler: torch.amp.GradScaler, state) -> None:
+    """Restore what :func:`_scaler_state` saved (nothing when the scaler is off or was not saved)."""
+    if scaler.is_enabled() and state is not None:
+        sd = scaler.state_dict()
+        sd.update(scale=float(state[0]), _growth_tracker=int(state[1]))
+        scaler.load_state_dict(sd)
+
+
 def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, run_dir, phase: str,
           config: dict, seed: int, ctx: DistContext, resume: bool = False, eval_fn=None,
           save_module: nn.Module | None = None, progress: bool = True, log_every: int = 20,
@@ -357,8 +373,8 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
         expert_parallel: under torchrun, shard the experts of the task's MoEMLPs over the
             processes (:class:`ExpertShards`); every process then evaluates the whole test set.
         precision: "fp32" | "bf16" | "fp16": the autocast dtype of the training forward passes
-            (see :func:`forward_loss`); fp16 scales the loss with torch.amp.GradScaler (its scale
-            is not checkpointed: a resumed fp16 run starts from the initial scale).
+            (see :func:`forward_loss`); fp16 scales the loss with torch.amp.GradScaler, whose
+            scale is checkpointed with the rest.
     """
     run_dir = Path(run_dir)
     device = ctx.device
@@ -400,6 +416,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
             task, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(tcfg.get("find_unused_parameters", False)))
 
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, start_step = 0, 0
     if resume:
         if not last_ckpt.exists():
@@ -410,6 +427,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                                       optimizer=opt if shards is None else shards.optimizer_view(opt),
                                       config=config, phase=phase, rank=ctx.rank, world_size=ctx.world_size)
         sched.load_state_dict(st["scheduler"])
+        _load_scaler(scaler, st["extra"].get("grad_scaler"))
         metrics.cut_back(int(st["progress"]["epoch"]), sched.step_count)
         start_epoch, start_step = int(st["progress"]["epoch"]), int(st["progress"]["step_in_epoch"])
         if start_step >= steps_per_epoch:
@@ -431,7 +449,6 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                          label_smoothing=float(aug["label_smoothing"]), num_classes=data.num_classes)
     criterion = DistillationLoss(dcfg["type"], dcfg["alpha"], dcfg["tau"]) if dcfg else DistillationLoss("none")
     grad_clip = float(tcfg["grad_clip"])
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ckpt_every = int(tcfg.get("ckpt_every", 0) or 0)
 
     def student_logits(x):
@@ -456,7 +473,7 @@ def train(task: nn.Module, *, data, tcfg: dict, aug: dict, dcfg: dict | None, ru
                 last_ckpt, model=model_state, optimizer=opt_state, scheduler_state=sched.state_dict(),
                 progress={"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": sched.step_count,
                           "steps_per_epoch": steps_per_epoch, "epochs": epochs},
-                config=config, phase=phase, rng_by_rank=states)
+                config=config, phase=phase, rng_by_rank=states, extra=_scaler_state(scaler))
         ctx.barrier()
 
     t_start, images_seen, test_acc, train_seconds = time.time(), 0, None, 0.0
