@@ -2,7 +2,9 @@
 errors, bad configs, exact resumption after a SIGKILL, and DDP on 2 CPU processes."""
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,8 @@ import torch
 
 from m2mkd_fast.cli import main
 from m2mkd_fast.distill.checkpoint import load_weights
+from m2mkd_fast.distill.config import load_config
+from m2mkd_fast.distill.report import paired_stats, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,22 +37,34 @@ def quick_run(tmp_path_factory):
 def test_quick_reproduce_writes_report_and_every_phase_output(quick_run):
     root = quick_run
     report = (root / "REPORT.md").read_text()
-    for needle in ("| NAC | from scratch |", "| NAC | m2mKD + fine-tune |", "| V-MoE | from scratch |",
-                   "| V-MoE | m2mKD + fine-tune |", "**difference**", "figures/curves.png"):
-        assert needle in report
+    for needle in ("| NAC | from scratch (1 epochs) |", "| NAC | m2mKD + fine-tune |", "| V-MoE | from scratch",
+                   "| V-MoE | m2mKD + fine-tune |", "| NAC | no KD (α = 0) + fine-tune |",
+                   "| V-MoE | scratch, equal compute (", "**m2mKD − no KD**", "**m2mKD − equal compute**",
+                   "figures/curves.png", "naive gate, experts in every block", "| teacher module in meta |"):
+        assert needle in report, needle
+    for name in ("teacher", "NAC student", "V-MoE student", "meta model"):
+        assert re.search(rf"^- {name} .* … \d+\.\d\dM params$", report, re.M), name
     for name in ("REPORT.md", "results.json", "config.yaml", "figures/curves.png", "figures/comparison.png"):
         assert (root / "report" / name).is_file(), name
-    for d in ("meta", "teacher", "seed0/nac/finetune", "seed0/vmoe/scratch", "seed0/nac/distill/module_3"):
+    for d in ("meta", "teacher", "seed0/nac/finetune", "seed0/vmoe/scratch", "seed0/nac/distill/module_3",
+              "seed0/vmoe/nokd/distill/module_0", "seed0/vmoe/nokd/finetune", "seed0/nac/scratch_equal"):
         assert (root / d / "model.safetensors").is_file(), d
         recs = [json.loads(line) for line in (root / d / "metrics.jsonl").read_text().splitlines()]
         assert any(r["kind"] == "epoch" for r in recs) and any(r["kind"] == "train" for r in recs)
         assert not (root / d / "last.safetensors").exists()  # removed once done
     assert len(list((root / "teacher_modules").glob("module_*.safetensors"))) == 4
-    # the quick preset incubates the teacher modules in the meta model before m2mKD
+    # the teacher modules are incubated in the meta model, then the assembled teacher fine-tuned
     _, meta = load_weights(root / "teacher_modules" / "module_3.safetensors")
     assert meta["incubated"] is True and (root / "teacher_incubate/module_3/model.safetensors").is_file()
+    inc, _ = load_weights(root / "teacher_incubate/module_3/model.safetensors")
+    split, _ = load_weights(root / "teacher_modules/module_3.safetensors")
+    assert inc.keys() == split.keys() and any(not torch.equal(inc[k], split[k]) for k in inc)
+    # the no-KD pairs are trained on the labels only: no teacher accuracy recorded
+    assert "teacher_pair_acc" not in json.loads((root / "seed0/nac/nokd/distill/module_1/done.json").read_text())
     for kind in ("nac", "vmoe"):
-        for which in ("finetune", "scratch"):
+        eq = json.loads((root / f"equal_compute_{kind}.json").read_text())
+        assert eq["epochs"] == max(1, round(1 + eq["pairs_cpu_s"] / eq["scratch_cpu_s_per_epoch"]))
+        for which in ("finetune", "scratch", "nokd", "scratch_equal"):
             ev = json.loads((root / f"seed0/{kind}/eval_{which}.json").read_text())
             assert 0.0 <= ev["iid"] <= 1.0 and 0.0 <= ev["ood"] <= 1.0
             assert set(ev["fewshot"]) == {"5w1s", "5w5s"} and len(ev["ood_per_corruption"]) == 7
@@ -70,12 +86,29 @@ def test_assembly_puts_the_distilled_weights_in_place(quick_run):
     v1, _ = load_weights(root / "seed0/vmoe/distill/module_1/model.safetensors")
     import timm
 
-    m = timm.create_model("vmoe_micro", num_stages=4, num_classes=10)
+    st = load_config("quick")["students"]["vmoe"]
+    m = timm.create_model(st["model"], num_classes=10, **st["kwargs"])
     m.load_state_dict(vasm)
-    stage = m.stages[1].state_dict()  # stage-local names (blocks.0 = the model's blocks.2)
+    stage = m.stages[1].state_dict()  # stage-local names (blocks.0 = the model's blocks.1)
     assert any("mlp.w1" in k for k in stage)
     for k, v in stage.items():
         assert torch.equal(v, v1["module." + k]), k
+
+
+def test_paired_stats_match_a_paired_t_test():
+    a = [0.80, 0.82, 0.79, 0.85, 0.81]
+    b = [0.79, 0.80, 0.76, 0.81, 0.76]  # differences 1..5 points: mean 3, sd 1.581
+    st = paired_stats(a, b)
+    assert st["n"] == 5 and math.isclose(st["mean"], 0.03, abs_tol=1e-12)
+    half = 2.7764451 * 0.0158113883 / math.sqrt(5)  # t_{0.975, 4} · sd / √n
+    assert math.isclose(st["lo"], 0.03 - half, rel_tol=1e-6) and math.isclose(st["hi"], 0.03 + half, rel_tol=1e-6)
+    assert math.isclose(st["p"], 0.013236, rel_tol=1e-3)  # t = 4.243 with 4 degrees of freedom
+    assert verdict(st).startswith("helped") and verdict(paired_stats(b, a)).startswith("hurt")
+    assert verdict(paired_stats([0.5, 0.6, 0.4], [0.45, 0.62, 0.41])).startswith("no clear difference")
+    # pairs are by position: a missing seed drops that pair only
+    assert paired_stats([0.5, None, 0.7], [0.4, 0.1, 0.5])["n"] == 2
+    one = paired_stats([0.5], [0.4])
+    assert math.isnan(one["p"]) and "no test" in verdict(one)
 
 
 def test_done_phases_are_skipped_and_errors_are_clear(quick_run, tmp_path, capsys):
