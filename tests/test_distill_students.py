@@ -114,6 +114,20 @@ def test_nac_students_follow_the_paper(frozen):
     assert torch.equal(again.code, rin.code) and not torch.equal(other.code, rin.code)
 
 
+def test_no_kd_pair_is_the_same_pair_without_a_teacher(frozen):
+    meta, teacher = frozen
+    x = torch.randn(3, 1, 28, 28)
+    for i in (1, 3):
+        torch.manual_seed(0)
+        student = pair_student("vmoe", build_model("vmoe_micro_all", {"num_stages": 4}, DATA), i, 96, seed=0)
+        kd, nokd = PairTask(meta, teacher, student, i).eval(), PairTask(meta, None, student, i).eval()
+        s_kd, t_kd, _ = kd(x)
+        s, t, _ = nokd(x)
+        assert t is None and t_kd is not None and nokd.teacher is None
+        assert torch.equal(s, s_kd)  # the student path is the same with and without a teacher
+        assert set(dict(nokd.named_parameters())) == set(dict(kd.named_parameters()))
+
+
 def test_assembly_errors():
     nac = build_model("nac_micro", {"prior_steps": 5}, DATA)
     with pytest.raises(CheckpointError, match="modules"):
