@@ -1,6 +1,6 @@
 """``m2mkd-fast`` (also ``python -m m2mkd_fast``): the m2mKD pipeline, one subcommand per phase.
 
-    m2mkd-fast reproduce                      # everything, 3 seeds, NAC and V-MoE, then REPORT.md
+    m2mkd-fast reproduce                      # everything, 5 seeds, NAC and V-MoE, then REPORT.md
     m2mkd-fast reproduce --quick              # a small version (minutes), what the tests run
     m2mkd-fast pretrain-meta --run-dir runs/x
     m2mkd-fast train-teacher --run-dir runs/x
@@ -27,7 +27,8 @@ import sys
 
 PHASE_HELP = {
     "pretrain-meta": "train the meta model (one block per stage) end to end; it is frozen afterwards",
-    "train-teacher": "train the ViT/DeiT teacher end to end",
+    "train-teacher": "prepare the ViT/DeiT teacher: Deep Incubation of each module in the frozen meta model, "
+                     "assembly, end-to-end fine-tune (teacher.incubate.epochs=0: end to end from scratch)",
     "split-teacher": "cut the trained teacher into its modules (teacher_modules/module_<i>.safetensors)",
     "distill": "m2mKD: train student module(s) against teacher module(s) inside the frozen meta model",
     "assemble": "load the distilled student modules into the full student (assembled.safetensors)",
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help=PHASE_HELP["evaluate"], description=PHASE_HELP["evaluate"])
     _common(p)
     _student(p)
-    p.add_argument("--which", default="finetune", choices=["finetune", "scratch", "assembled"],
+    p.add_argument("--which", default="finetune", choices=["finetune", "scratch", "assembled", "nokd", "scratch_equal"],
                    help="which trained student of the run directory (default: finetune)")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="evaluate these safetensors weights instead (a student of the config's architecture)")
@@ -139,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, metavar="S,S,...", help="override reproduce.seeds, e.g. 0,1,2")
     p.add_argument("--students", default=None, metavar="K,K", help="override reproduce.students, e.g. nac,vmoe")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="worker processes (1 thread each) for independent units: meta beside teacher, then the "
-                        "(student, seed) pipelines; 1 = everything in this process (default: reproduce.jobs)")
+                   help="worker processes (1 thread each) for independent units (meta, teacher modules, and per "
+                        "student and seed: m2mKD, no-KD, scratch, equal-compute scratch), each started when "
+                        "what it needs is done; 1 = everything in this process (default: reproduce.jobs)")
     p.add_argument("--report-dir", default=None, metavar="DIR",
                    help="also copy REPORT.md, results.json, config.yaml and figures/ here (e.g. results/)")
     p = sub.add_parser("bench", help="benchmark the ops and one m2mKD pair step, every formulation side by side",

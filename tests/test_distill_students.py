@@ -85,7 +85,17 @@ def test_nac_students_follow_the_paper(frozen):
     for s in (rin, med, rout):
         assert "code" in dict(s.named_buffers()) and "code" not in dict(s.named_parameters())
         assert not any(getattr(m, "code_noise", 0.0) for m in s.modules())
-    assert "receivers" in dict(rin.named_buffers()) and "receivers" in dict(rout.named_buffers())
+    # read-in / read-out receivers: one fresh randn(B, 1, D) latent per image and call, as the reference
+    assert not any("receivers" in k for s in (rin, rout) for k, _ in s.named_buffers())
+    x = torch.randn(2, 1, 28, 28)
+    rin.eval()
+    torch.manual_seed(5)
+    first = rin(x)
+    assert first.shape == (2, 1, 96) and not torch.equal(rin(x), first)
+    torch.manual_seed(5)
+    assert torch.equal(rin(x), first)
+    rout.eval()
+    assert rout(torch.randn(2, 50, 96)).shape == (2, 10)
     # stitches: a single Linear with bias; read-in has only the post-stitch, read-out only the pre-stitch
     assert rin.stitch_out.in_dim == 64 and rin.stitch_out.out_dim == 96 and not hasattr(rin, "stitch_in")
     assert rout.stitch_in.in_dim == 96 and not hasattr(rout, "stitch_out")
@@ -98,10 +108,24 @@ def test_nac_students_follow_the_paper(frozen):
     perm = torch.randperm(50)
     med.eval()
     assert torch.allclose(med(h)[:, perm], med(h[:, perm]), atol=1e-5)
-    # the same seed gives the same fixed states, another seed others
+    # the same seed gives the same fixed code, another seed another
     again = pair_student("nac", build_model("nac_micro", {"prior_steps": 5}, DATA), 0, 96, seed=0)
     other = pair_student("nac", build_model("nac_micro", {"prior_steps": 5}, DATA), 0, 96, seed=1)
-    assert torch.equal(again.receivers, rin.receivers) and not torch.equal(other.receivers, rin.receivers)
+    assert torch.equal(again.code, rin.code) and not torch.equal(other.code, rin.code)
+
+
+def test_no_kd_pair_is_the_same_pair_without_a_teacher(frozen):
+    meta, teacher = frozen
+    x = torch.randn(3, 1, 28, 28)
+    for i in (1, 3):
+        torch.manual_seed(0)
+        student = pair_student("vmoe", build_model("vmoe_micro_all", {"num_stages": 4}, DATA), i, 96, seed=0)
+        kd, nokd = PairTask(meta, teacher, student, i).eval(), PairTask(meta, None, student, i).eval()
+        s_kd, t_kd, _ = kd(x)
+        s, t, _ = nokd(x)
+        assert t is None and t_kd is not None and nokd.teacher is None
+        assert torch.equal(s, s_kd)  # the student path is the same with and without a teacher
+        assert set(dict(nokd.named_parameters())) == set(dict(kd.named_parameters()))
 
 
 def test_assembly_errors():

@@ -5,6 +5,7 @@ artifacts, and DDP on 2 CPU processes."""
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ import torch
 
 from m2mkd_fast.cli import main
 from m2mkd_fast.distill.checkpoint import load_weights
+from m2mkd_fast.distill.config import load_config
+from m2mkd_fast.distill.report import paired_stats, verdict
 from m2mkd_fast.distill.files import lock_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,22 +45,34 @@ def quick_run(tmp_path_factory):
 def test_quick_reproduce_writes_report_and_every_phase_output(quick_run):
     root = quick_run
     report = (root / "REPORT.md").read_text()
-    for needle in ("| NAC | from scratch |", "| NAC | m2mKD + fine-tune |", "| V-MoE | from scratch |",
-                   "| V-MoE | m2mKD + fine-tune |", "**difference**", "figures/curves.png"):
-        assert needle in report
+    for needle in ("| NAC | from scratch (1 epochs) |", "| NAC | m2mKD + fine-tune |", "| V-MoE | from scratch",
+                   "| V-MoE | m2mKD + fine-tune |", "| NAC | no KD (α = 0) + fine-tune |",
+                   "| V-MoE | scratch, equal compute (", "**m2mKD − no KD**", "**m2mKD − equal compute**",
+                   "figures/curves.png", "naive gate, experts in every block", "| teacher module in meta |"):
+        assert needle in report, needle
+    for name in ("teacher", "NAC student", "V-MoE student", "meta model"):
+        assert re.search(rf"^- {name} .* … \d+\.\d\dM params$", report, re.M), name
     for name in ("REPORT.md", "results.json", "config.yaml", "figures/curves.png", "figures/comparison.png"):
         assert (root / "report" / name).is_file(), name
-    for d in ("meta", "teacher", "seed0/nac/finetune", "seed0/vmoe/scratch", "seed0/nac/distill/module_3"):
+    for d in ("meta", "teacher", "seed0/nac/finetune", "seed0/vmoe/scratch", "seed0/nac/distill/module_3",
+              "seed0/vmoe/nokd/distill/module_0", "seed0/vmoe/nokd/finetune", "seed0/nac/scratch_equal"):
         assert (root / d / "model.safetensors").is_file(), d
         recs = [json.loads(line) for line in (root / d / "metrics.jsonl").read_text().splitlines()]
         assert any(r["kind"] == "epoch" for r in recs) and any(r["kind"] == "train" for r in recs)
         assert not (root / d / "last.safetensors").exists()  # removed once done
     assert len(list((root / "teacher_modules").glob("module_*.safetensors"))) == 4
-    # the quick preset incubates the teacher modules in the meta model before m2mKD
+    # the teacher modules are incubated in the meta model, then the assembled teacher fine-tuned
     _, meta = load_weights(root / "teacher_modules" / "module_3.safetensors")
     assert meta["incubated"] is True and (root / "teacher_incubate/module_3/model.safetensors").is_file()
+    inc, _ = load_weights(root / "teacher_incubate/module_3/model.safetensors")
+    split, _ = load_weights(root / "teacher_modules/module_3.safetensors")
+    assert inc.keys() == split.keys() and any(not torch.equal(inc[k], split[k]) for k in inc)
+    # the no-KD pairs are trained on the labels only: no teacher accuracy recorded
+    assert "teacher_pair_acc" not in json.loads((root / "seed0/nac/nokd/distill/module_1/done.json").read_text())
     for kind in ("nac", "vmoe"):
-        for which in ("finetune", "scratch"):
+        eq = json.loads((root / f"equal_compute_{kind}.json").read_text())
+        assert eq["epochs"] == max(1, round(1 + eq["pairs_cpu_s"] / eq["scratch_cpu_s_per_epoch"]))
+        for which in ("finetune", "scratch", "nokd", "scratch_equal"):
             ev = json.loads((root / f"seed0/{kind}/eval_{which}.json").read_text())
             assert 0.0 <= ev["iid"] <= 1.0 and 0.0 <= ev["ood"] <= 1.0
             assert set(ev["fewshot"]) == {"5w1s", "5w5s"} and len(ev["ood_per_corruption"]) == 7
@@ -79,12 +94,29 @@ def test_assembly_puts_the_distilled_weights_in_place(quick_run):
     v1, _ = load_weights(root / "seed0/vmoe/distill/module_1/model.safetensors")
     import timm
 
-    m = timm.create_model("vmoe_micro", num_stages=4, num_classes=10)
+    st = load_config("quick")["students"]["vmoe"]
+    m = timm.create_model(st["model"], num_classes=10, **st["kwargs"])
     m.load_state_dict(vasm)
-    stage = m.stages[1].state_dict()  # stage-local names (blocks.0 = the model's blocks.2)
+    stage = m.stages[1].state_dict()  # stage-local names (blocks.0 = the model's blocks.1)
     assert any("mlp.w1" in k for k in stage)
     for k, v in stage.items():
         assert torch.equal(v, v1["module." + k]), k
+
+
+def test_paired_stats_match_a_paired_t_test():
+    a = [0.80, 0.82, 0.79, 0.85, 0.81]
+    b = [0.79, 0.80, 0.76, 0.81, 0.76]  # differences 1..5 points: mean 3, sd 1.581
+    st = paired_stats(a, b)
+    assert st["n"] == 5 and math.isclose(st["mean"], 0.03, abs_tol=1e-12)
+    half = 2.7764451 * 0.0158113883 / math.sqrt(5)  # t_{0.975, 4} · sd / √n
+    assert math.isclose(st["lo"], 0.03 - half, rel_tol=1e-6) and math.isclose(st["hi"], 0.03 + half, rel_tol=1e-6)
+    assert math.isclose(st["p"], 0.013236, rel_tol=1e-3)  # t = 4.243 with 4 degrees of freedom
+    assert verdict(st).startswith("helped") and verdict(paired_stats(b, a)).startswith("hurt")
+    assert verdict(paired_stats([0.5, 0.6, 0.4], [0.45, 0.62, 0.41])).startswith("no clear difference")
+    # pairs are by position: a missing seed drops that pair only
+    assert paired_stats([0.5, None, 0.7], [0.4, 0.1, 0.5])["n"] == 2
+    one = paired_stats([0.5], [0.4])
+    assert math.isnan(one["p"]) and "no test" in verdict(one)
 
 
 def test_done_phases_are_skipped_and_errors_are_clear(quick_run, tmp_path, capsys):
@@ -334,10 +366,14 @@ def test_progress_lines_one_per_unit_and_data_described_once(quick_run, tmp_path
     quick preset) and with worker processes (the same run again: every unit found done)."""
     quick = (quick_run / "reproduce.stderr").read_text()
     lines = _progress_lines(quick)
-    n = 2 + 1 + 2 * 2  # meta, teacher, split, then (m2mkd, scratch) x (nac, vmoe) x 1 seed
+    cfg = load_config("quick")
+    r = cfg["reproduce"]
+    expected = {"pretrain-meta", "train-teacher + split"}
+    expected |= {f"incubate teacher module {i}" for i in range(cfg["meta"]["kwargs"]["num_stages"])}
+    expected |= {f"{w} {k} seed {s}" for w in ("m2mkd", "scratch", "nokd", "equal") for k in r["students"] for s in r["seeds"]}
+    n = len(expected)
     assert [(k, total) for k, total, _ in lines] == [(k, n) for k in range(1, n + 1)], quick[-3000:]
-    assert [what for _, _, what in lines[:3]] == ["pretrain-meta", "train-teacher", "split-teacher"]
-    assert {what for _, _, what in lines[3:]} == {f"{p} {s} seed 0" for p in ("m2mkd", "scratch") for s in ("nac", "vmoe")}
+    assert {what for _, _, what in lines} == expected and lines[0][2] == "pretrain-meta"
     assert quick.count("data: ") == 1
     again = tmp_path / "again"
     shutil.copytree(quick_run, again)
@@ -349,4 +385,4 @@ def test_progress_lines_one_per_unit_and_data_described_once(quick_run, tmp_path
     parallel = capsys.readouterr().err
     lines = _progress_lines(parallel)
     assert [(k, total) for k, total, _ in lines] == [(k, n) for k in range(1, n + 1)], parallel[-3000:]
-    assert lines[4][2] == "split-teacher" and parallel.count("data: ") == 1
+    assert {what for _, _, what in lines} == expected and parallel.count("data: ") == 1

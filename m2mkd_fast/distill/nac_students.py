@@ -3,15 +3,16 @@ meta model's token sequence.
 
 During m2mKD the NAC modules are not graph attention:
 
-* **read-in** (module 0): the NAC's tokenizer + read-in block; the receivers are fixed random
-  states ``[U_in, D]`` (a buffer, not learned); its output goes through a post-stitch Linear
-  (NAC width → meta width) into the meta model's remaining stages.
+* **read-in** (module 0): the NAC's tokenizer + read-in block; its receivers are drawn as the
+  reference draws them, ``randn(B, 1, D)``: one fresh random latent per sample on every call
+  (not learned); its output (one token per image) goes through a post-stitch Linear (NAC
+  width → meta width) into the meta model's remaining stages.
 * **mediator** t (module 1 + t): the NAC's propagator t run *without* the kernel (dense softmax
   attention, no signatures, no β) whose receivers = senders = the meta tokens after the
   pre-stitch Linear (meta width → NAC width); a post-stitch maps back.
-* **read-out** (last module): the NAC's read-out block with fixed random receiver states
-  ``[U_out, D]`` attending to the pre-stitched meta tokens, then the NAC's pooling and head
-  (it produces the logits itself).
+* **read-out** (last module): the NAC's read-out block with one fresh random receiver per
+  sample and call (``randn(B, 1, D)``, as the read-in) attending to the pre-stitched meta
+  tokens, then the NAC's pooling and head (it produces the logits itself).
 
 Every latent of every student shares one fixed random code ``[Dc]`` (a buffer: not learned,
 no code noise). The blocks are the full student's own modules, so their parameter names are the
@@ -31,6 +32,12 @@ from .checkpoint import CheckpointError
 def _fixed(seed: int, index: int, *shape) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed) * 7919 + 104729 * (int(index) + 1))
     return torch.randn(*shape, generator=g)
+
+
+def _fresh_receivers(like: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B, 1, dim] standard-normal receivers, drawn anew on every call (the reference's
+    ``torch.randn(B, 1, D)``), on ``like``'s device and dtype (B = like.shape[0])."""
+    return torch.randn(like.shape[0], 1, dim, device=like.device, dtype=like.dtype)
 
 
 def _no_kernel_params(block: nn.Module):
@@ -54,7 +61,8 @@ class _NACStudentBase(nn.Module):
 
 
 class NACReadInStudent(_NACStudentBase):
-    """Module 0: images → tokenizer → read-in (fixed random receivers) → post-stitch → meta tokens."""
+    """Module 0: images → tokenizer → read-in (one fresh random receiver per image) → post-stitch →
+    one meta token per image [B, 1, meta_dim]."""
 
     kind = "read_in"
 
@@ -63,12 +71,12 @@ class NACReadInStudent(_NACStudentBase):
         self.tokenizer = nac.tokenizer
         self.read_in = nac.read_in
         self.read_in.code_noise = 0.0
-        self.register_buffer("receivers", _fixed(seed, 1000, nac.input_latents.num_latents, nac.embed_dim))
+        self.dim = nac.embed_dim
         self.stitch_out = Stitch(nac.embed_dim, meta_dim, norm=False)
 
     def forward(self, x):
         tokens = self.tokenizer(x)
-        z = self.receivers.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        z = _fresh_receivers(tokens, self.dim)
         z = self.read_in(z, self.codes(z.shape[1]), tokens)
         return self.stitch_out(z)
 
@@ -94,7 +102,7 @@ class NACMediatorStudent(_NACStudentBase):
 
 
 class NACReadOutStudent(_NACStudentBase):
-    """Last module: pre-stitch → read-out (fixed random receivers) → pooling → head (logits)."""
+    """Last module: pre-stitch → read-out (one fresh random receiver per image) → pooling → head (logits)."""
 
     kind = "read_out"
 
@@ -107,12 +115,12 @@ class NACReadOutStudent(_NACStudentBase):
         self.head_drop = nac.head_drop
         self.head = nac.head
         object.__setattr__(self, "_nac", nac)  # for its pooling function (no parameters of its own)
-        self.register_buffer("receivers", _fixed(seed, 2000, nac.output_latents.num_latents, nac.embed_dim))
+        self.dim = nac.embed_dim
         self.stitch_in = Stitch(meta_dim, nac.embed_dim, norm=False)
 
     def forward(self, h):
         s = self.stitch_in(h)
-        z = self.receivers.unsqueeze(0).expand(s.shape[0], -1, -1)
+        z = _fresh_receivers(s, self.dim)
         out = self.read_out(z, self.codes(z.shape[1]), None, s, self.codes(s.shape[1]), None)
         return self.head(self.head_drop(self._nac.pool(out)))
 
@@ -128,7 +136,7 @@ def nac_pair_student(nac: nn.Module, index: int, meta_dim: int, seed: int = 0) -
     return NACMediatorStudent(nac, index, meta_dim, seed)
 
 
-_SKIP = ("stitch_in.", "stitch_out.", "code", "receivers")
+_SKIP = ("stitch_in.", "stitch_out.", "code")
 
 
 def nac_module_state(student: nn.Module) -> dict:

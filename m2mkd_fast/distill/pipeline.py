@@ -5,13 +5,16 @@ Run directory layout (``root`` = ``--run-dir``)::
 
     root/config.yaml                       the resolved config of the latest call
     root/meta/                             pretrain-meta   (model.safetensors, metrics.jsonl, curves.png, done.json)
-    root/teacher/                          train-teacher
+    root/teacher_incubate/module_<i>/      train-teacher: Deep Incubation of teacher module i
+    root/teacher/                          train-teacher: the end-to-end (fine-)tune
     root/teacher_modules/module_<i>.safetensors           split-teacher
     root/seed<s>/<student>/distill/module_<i>/            distill (one trainer run per pair)
     root/seed<s>/<student>/assembled.safetensors          assemble
     root/seed<s>/<student>/finetune/                      finetune
+    root/seed<s>/<student>/nokd/...                       the same three, α = 0 (no-KD ablation)
     root/seed<s>/<student>/scratch/                       scratch (the baseline)
-    root/seed<s>/<student>/eval_<finetune|scratch>.json   evaluate
+    root/seed<s>/<student>/scratch_equal/                 scratch for the m2mKD student's compute
+    root/seed<s>/<student>/eval_<which>.json              evaluate
     root/REPORT.md, root/figures/, root/results.json      reproduce
 
 Every trainer run directory gets ``done.json`` holding a fingerprint of the config that
@@ -47,6 +50,8 @@ from .tasks import EndToEnd, IncubationTask, PairTask
 from .trainer import evaluate_accuracy, iterate_batches, train
 
 PHASES = ("pretrain-meta", "train-teacher", "split-teacher", "distill", "assemble", "finetune", "scratch", "evaluate")
+VARIANTS = ("kd", "nokd")  # m2mKD pairs (the configured loss) | the no-KD ablation (α = 0: labels only)
+RUN_OF = {"finetune": "finetune", "scratch": "scratch", "nokd": "nokd/finetune", "scratch_equal": "scratch_equal"}
 
 
 def seed_all(seed: int):
@@ -128,6 +133,13 @@ class Pipeline:
     def student_dir(self, kind: str, seed: int) -> Path:
         return self.root / f"seed{seed}" / kind
 
+    def variant_dir(self, kind: str, seed: int, variant: str = "kd") -> Path:
+        """Where a variant's pairs, assembly and fine-tune live (the no-KD ablation in nokd/)."""
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        d = self.student_dir(kind, seed)
+        return d if variant == "kd" else d / "nokd"
+
     def _data_key(self):
         """The data config minus what does not change the data (loader processes)."""
         return {k: v for k, v in self.cfg["data"].items() if k != "num_workers"}
@@ -136,26 +148,38 @@ class Pipeline:
         precision = self.cfg["precision"]  # only when not fp32: fp32 runs keep their fingerprints
         return {"data": self._data_key(), "augment": self.cfg["augment"], **({"precision": precision} if precision != "fp32" else {})}
 
-    def phase_config(self, phase: str, kind: str | None = None, seed: int | None = None, module: int | None = None) -> dict:
+    def phase_config(self, phase: str, kind: str | None = None, seed: int | None = None, module: int | None = None,
+                     variant: str = "kd") -> dict:
         """The part of the config a phase's output depends on (checkpoints compare it; done.json
         fingerprints it)."""
         c = self.cfg
         base = self._common()
         if phase == "pretrain-meta":
             return {**base, "seed": c["seed"], "meta": c["meta"]}
+        teacher = {k: v for k, v in c["teacher"].items() if k != "incubate"}
         if phase == "train-teacher":
-            # incubation comes after the end-to-end teacher: not part of it
-            return {**base, "seed": c["seed"], "teacher": {k: v for k, v in c["teacher"].items() if k != "incubate"}}
+            if c["teacher"]["incubate"]["epochs"] > 0:  # fine-tuned from modules incubated in the meta model
+                return {**base, "seed": c["seed"], "teacher": c["teacher"],
+                        "meta": fingerprint(self.phase_config("pretrain-meta"))}
+            return {**base, "seed": c["seed"], "teacher": teacher}
+        if phase == "incubate-teacher":
+            return {**base, "seed": c["seed"], "teacher": {"model": teacher["model"], "kwargs": teacher["kwargs"]},
+                    "incubate": c["teacher"]["incubate"], "module": module,
+                    "meta": fingerprint(self.phase_config("pretrain-meta"))}
         st = c["students"][kind]
         model_part = {"model": st["model"], "kwargs": st["kwargs"]}
+        if phase == "distill" and variant == "nokd":
+            return {**base, "seed": seed, "module": module, "student": {**model_part, "distill": st["distill"]},
+                    "variant": "nokd", "meta": fingerprint(self.phase_config("pretrain-meta"))}
         if phase == "distill":
             return {**base, "seed": seed, "module": module, "student": {**model_part, "distill": st["distill"]},
                     "distill": c["distill"], "meta": fingerprint(self.phase_config("pretrain-meta")),
                     "teacher": self._teacher_modules_fp()}
         if phase == "finetune":
-            return {**base, "seed": seed, "student": {**model_part, "finetune": st["finetune"]},
-                    "assembled_from": [fingerprint(self.phase_config("distill", kind, seed, i))
-                                       for i in range(self._num_stages(kind))]}
+            out = {**base, "seed": seed, "student": {**model_part, "finetune": st["finetune"]},
+                   "assembled_from": [fingerprint(self.phase_config("distill", kind, seed, i, variant))
+                                      for i in range(self._num_stages(kind))]}
+            return out if variant == "kd" else {**out, "variant": variant}
         if phase == "scratch":
             return {**base, "seed": seed, "student": {**model_part, "finetune": st["finetune"]}}
         raise ValueError(phase)
@@ -167,8 +191,12 @@ class Pipeline:
         seed_all(self.cfg["seed"])
         return build_model(self.cfg["meta"]["model"], self.cfg["meta"]["kwargs"], self.data)
 
-    def redo_command(self, phase: str, kind: str | None = None, seed: int | None = None, module=None) -> str:
-        """The command line that redoes a phase of this run directory."""
+    def redo_command(self, phase: str, kind: str | None = None, seed: int | None = None, module=None,
+                     variant: str = "kd") -> str:
+        """The command line that redoes a phase of this run directory (the controls that only
+        ``reproduce`` runs — the no-KD variant, the equal-compute scratch — are redone by it)."""
+        if variant != "kd" or phase in ("scratch-equal", "nokd"):
+            return f"`m2mkd-fast reproduce --run-dir {self.root} --force` (with this run's --config and --set options)"
         cmd = f"m2mkd-fast {phase} --run-dir {self.root}"
         if kind is not None:
             cmd += f" --student {kind} --seed {seed}"
@@ -251,13 +279,46 @@ class Pipeline:
                            self.cfg["meta"]["train"], self.cfg["seed"], resume, save_module=model, title="meta",
                            redo=self.redo_command("pretrain-meta"))
 
-    def train_teacher(self, resume=False):
+    def _teacher_skeleton(self):
         seed_all(self.cfg["seed"] + 1)
-        model = build_model(self.cfg["teacher"]["model"], self.cfg["teacher"]["kwargs"], self.data)
+        return build_model(self.cfg["teacher"]["model"], self.cfg["teacher"]["kwargs"], self.data)
+
+    def train_teacher(self, resume=False):
+        """The teacher as the reference prepares it (docs/design.md §2.5): with
+        ``teacher.incubate.epochs`` > 0, Deep Incubation (each module trained on the labels inside
+        the frozen meta model, :meth:`incubate_teacher_module`), the modules assembled, then the
+        whole teacher fine-tuned end to end with ``teacher.train``; with 0, ``teacher.train``
+        trains it end to end from scratch."""
+        pcfg = self.phase_config("train-teacher")
+        model = self._teacher_skeleton()
+        incubate = self.cfg["teacher"]["incubate"]["epochs"] > 0
+        if incubate and self._done(self.root / "teacher", pcfg, self.redo_command("train-teacher")) is None:
+            for i in range(model.num_stages):
+                path = self.incubate_teacher_module(i, resume)
+                self._load_artifact(model.stages[i], path, path.parent / "done.json",
+                                    self.redo_command("train-teacher"), f"incubated teacher module {i}")
         seed_all(self.cfg["seed"] + 1 + 7919 * self.ctx.rank)
-        return self._train(EndToEnd(model), self.root / "teacher", "train-teacher", self.phase_config("train-teacher"),
+        return self._train(EndToEnd(model), self.root / "teacher", "train-teacher", pcfg,
                            self.cfg["teacher"]["train"], self.cfg["seed"] + 1, resume, save_module=model,
-                           title="teacher", redo=self.redo_command("train-teacher"))
+                           title="teacher fine-tune" if incubate else "teacher", redo=self.redo_command("train-teacher"))
+
+    def incubate_teacher_module(self, i: int, resume="auto") -> Path:
+        """Deep Incubation (Ni et al. 2022) of teacher module i from its initial weights: trained
+        on the labels inside the frozen meta model, so that it fits the meta model's interfaces.
+        Returns the module's weights file."""
+        meta = self.load_meta()
+        teacher = self._teacher_skeleton()
+        if teacher.num_stages != meta.num_stages:
+            raise ValueError(f"the teacher has {teacher.num_stages} stages but the meta model {meta.num_stages}: "
+                             "set teacher.kwargs.num_stages to the meta model's num_stages")
+        task = IncubationTask(meta, teacher.stages[i], i)
+        run_dir = self.root / "teacher_incubate" / f"module_{i}"
+        seed = self.cfg["seed"] + 31 * (i + 1)
+        seed_all(seed + 7919 * self.ctx.rank)
+        self._train(task, run_dir, "incubate-teacher", self.phase_config("incubate-teacher", module=i),
+                    self.cfg["teacher"]["incubate"], seed, resume, save_module=task.module,
+                    title=f"incubate teacher module {i}", redo=self.redo_command("train-teacher"))
+        return run_dir / "model.safetensors"
 
     def load_meta(self):
         model = build_model(self.cfg["meta"]["model"], self.cfg["meta"]["kwargs"], self.data)
@@ -282,33 +343,17 @@ class Pipeline:
         return self._load_artifact(model, path, path.parent / "done.json", self.redo_command("train-teacher"),
                                    "teacher").eval()
 
-    def split_teacher(self, resume="auto"):
+    def split_teacher(self):
         """Cut the trained teacher into its modules: teacher_modules/module_<i>.safetensors.
 
-        With ``teacher.incubate.epochs`` > 0, each module is first incubated (Deep Incubation,
-        Ni et al. 2022): trained on the labels inside the frozen meta model, starting from the
-        end-to-end teacher's weights, so that it fits the meta model's interfaces — an
-        independently trained teacher's first and last modules do not (their "teacher in meta"
-        accuracy is near chance), which leaves those pairs without a useful teacher signal."""
+        A teacher trained end to end without incubation does not fit the meta model: its first
+        and last modules score near chance inside it, which leaves those pairs without a useful
+        teacher signal (docs/design.md §2.5); the incubated teacher's modules do."""
         teacher = self.load_teacher(from_modules=False)
         meta_n = self._num_stages("vmoe")
         if teacher.num_stages != meta_n:
             raise ValueError(f"the teacher has {teacher.num_stages} stages but the meta model {meta_n}: "
                              "set teacher.kwargs.num_stages to the meta model's num_stages")
-        inc = self.cfg["teacher"]["incubate"]
-        if inc["epochs"] > 0:
-            meta = self.load_meta()
-            for i in range(teacher.num_stages):
-                task = IncubationTask(meta, teacher.stages[i], i)
-                seed_all(self.cfg["seed"] + 31 * (i + 1) + 7919 * self.ctx.rank)
-                pcfg = {**self.phase_config("train-teacher"), "incubate": inc, "module": i,
-                        "meta": fingerprint(self.phase_config("pretrain-meta"))}
-                run_dir = self.root / "teacher_incubate" / f"module_{i}"
-                self._train(task, run_dir, "incubate-teacher", pcfg, inc,
-                            self.cfg["seed"] + 31 * (i + 1), resume, save_module=task.module,
-                            title=f"incubate teacher module {i}", redo=self.redo_command("split-teacher"))
-                self._load_artifact(teacher.stages[i], run_dir / "model.safetensors", run_dir / "done.json",
-                                    self.redo_command("split-teacher"), f"incubated teacher module {i}")
         mdir = self.root / "teacher_modules"
         tfp = self._teacher_modules_fp()
         if self.ctx.is_main:
@@ -326,12 +371,8 @@ class Pipeline:
         return mdir
 
     def _teacher_modules_fp(self) -> str:
-        """What the teacher modules depend on: the teacher run, plus the incubation when it is on."""
-        base = self.phase_config("train-teacher")
-        inc = self.cfg["teacher"]["incubate"]
-        if inc["epochs"] > 0:
-            base = {**base, "incubate": inc, "meta": fingerprint(self.phase_config("pretrain-meta"))}
-        return fingerprint(base)
+        """What the teacher modules depend on: the teacher run (incubation included when on)."""
+        return fingerprint(self.phase_config("train-teacher"))
 
     def _teacher_split_current(self) -> bool:
         """Whether teacher_modules/ holds the split of the current teacher (its files verified)."""
@@ -350,14 +391,16 @@ class Pipeline:
         model = build_model(st["model"], st["kwargs"], self.data)
         return model
 
-    def distill(self, kind: str, seed: int, module="all", resume=False, pairs_in_parallel: bool = False):
-        """m2mKD pair(s): ``module`` an index or "all" (one after the other).
+    def distill(self, kind: str, seed: int, module="all", resume=False, pairs_in_parallel: bool = False,
+                variant: str = "kd"):
+        """m2mKD pair(s): ``module`` an index or "all" (one after the other). ``variant`` "nokd":
+        the same pairs trained on the labels only (α = 0, no teacher), the KD term's ablation.
 
         ``pairs_in_parallel`` (under torchrun): instead of training each pair with DDP over all
         processes, process r trains pairs r, r + world, ... on its own device — the pairs are
         independent (docs/design.md §2.5), so this needs no communication until the final barrier."""
         meta = self.load_meta()
-        teacher = self.load_teacher()
+        teacher = self.load_teacher() if variant == "kd" else None
         n = meta.num_stages
         indices = list(range(n)) if module == "all" else [int(module)]
         for i in indices:
@@ -369,12 +412,12 @@ class Pipeline:
             self.ctx = DistContext(0, 1, 0, outer.device)
             log(f"rank {outer.rank}: pairs {indices} of {kind} seed {seed}")
         try:
-            return self._distill_pairs(kind, seed, indices, resume, meta, teacher)
+            return self._distill_pairs(kind, seed, indices, resume, meta, teacher, variant)
         finally:
             self.ctx = outer
             outer.barrier()
 
-    def _distill_pairs(self, kind, seed, indices, resume, meta, teacher):
+    def _distill_pairs(self, kind, seed, indices, resume, meta, teacher, variant="kd"):
         n = meta.num_stages
         out = {}
         for i in indices:
@@ -385,12 +428,14 @@ class Pipeline:
             student = pair_student(kind, full, i, width(meta), seed)
             task = PairTask(meta, teacher, student, i)
             seed_all(seed * 1000 + i + 7919 * self.ctx.rank)
-            run_dir = self.student_dir(kind, seed) / "distill" / f"module_{i}"
-            res = self._train(task, run_dir, "distill", self.phase_config("distill", kind, seed, i),
+            run_dir = self.variant_dir(kind, seed, variant) / "distill" / f"module_{i}"
+            kd = variant == "kd"
+            res = self._train(task, run_dir, "distill", self.phase_config("distill", kind, seed, i, variant),
                               self.cfg["students"][kind]["distill"], seed * 1000 + i, resume,
-                              dcfg=self.cfg["distill"], save_module=student, title=f"{kind} s{seed} pair {i}",
-                              redo=self.redo_command("distill", kind, seed, i))
-            if "teacher_pair_acc" not in res:
+                              dcfg=self.cfg["distill"] if kd else None, save_module=student,
+                              title=f"{kind} s{seed} pair {i}" + ("" if kd else " (no KD)"),
+                              redo=self.redo_command("distill", kind, seed, i, variant))
+            if kd and "teacher_pair_acc" not in res:
                 res["teacher_pair_acc"] = self._teacher_pair_acc(task, i)
                 if self.ctx.is_main:
                     _write_json(run_dir / "done.json", res)
@@ -401,7 +446,7 @@ class Pipeline:
         """Test accuracy of teacher module i inside the frozen meta model (the same for every
         student and seed: cached in teacher_pairs.json)."""
         path = self.root / "teacher_pairs.json"
-        key = fingerprint({"meta": self.phase_config("pretrain-meta"), "teacher": self.phase_config("train-teacher"),
+        key = fingerprint({"meta": self.phase_config("pretrain-meta"), "teacher": self._teacher_modules_fp(),
                            "module": i, "eval_limit": self.cfg["log"]["eval_limit"]})
         cache = _read_json(path) or {}
         if key in cache:
@@ -420,11 +465,11 @@ class Pipeline:
             _write_json(path, cache)
         return acc
 
-    def _distilled_states(self, kind: str, seed: int, n: int):
+    def _distilled_states(self, kind: str, seed: int, n: int, variant: str = "kd"):
         states = []
         meta_dim = width(self.load_meta())
         for i in range(n):
-            run_dir = self.student_dir(kind, seed) / "distill" / f"module_{i}"
+            run_dir = self.variant_dir(kind, seed, variant) / "distill" / f"module_{i}"
             path = run_dir / "model.safetensors"
             if not path.exists():
                 raise CheckpointError(f"distilled module {i} missing ({path}): run `m2mkd-fast distill --student {kind} "
@@ -437,40 +482,78 @@ class Pipeline:
             states.append(module_state(kind, pair))
         return states
 
-    def assemble(self, kind: str, seed: int):
+    def assemble(self, kind: str, seed: int, variant: str = "kd"):
         model = self.build_student(kind, seed)
-        states = self._distilled_states(kind, seed, model.num_stages)
+        states = self._distilled_states(kind, seed, model.num_stages, variant)
         report = assemble(kind, model, states)
-        path = self.student_dir(kind, seed) / "assembled.safetensors"
+        path = self.variant_dir(kind, seed, variant) / "assembled.safetensors"
         if self.ctx.is_main:
             (path.parent / "assembled.json").unlink(missing_ok=True)
-            save_weights(model, path, {"phase": "assemble", "kind": kind, "seed": seed, "report": report})
+            save_weights(model, path, {"phase": "assemble", "kind": kind, "seed": seed, "report": report,
+                                       "variant": variant})
             _write_json(path.parent / "assembled.json", {"artifacts": {path.name: file_record(path)}})
         self.ctx.barrier()
         log(f"assemble {kind} s{seed}: {report.get('loaded_params', 0)}/{report.get('total_params', 0)} parameters "
             f"from distilled modules -> {path}", self.ctx)
         return path
 
-    def finetune(self, kind: str, seed: int, resume=False):
+    def finetune(self, kind: str, seed: int, resume=False, variant: str = "kd"):
         model = self.build_student(kind, seed)
-        path = self.student_dir(kind, seed) / "assembled.safetensors"
+        vdir = self.variant_dir(kind, seed, variant)
+        path = vdir / "assembled.safetensors"
         if not path.exists():
             raise CheckpointError(f"no assembled student at {path}: run `m2mkd-fast assemble --student {kind} --seed {seed}`")
-        self._load_artifact(model, path, path.parent / "assembled.json", self.redo_command("assemble", kind, seed),
-                            "assembled student")
+        self._load_artifact(model, path, path.parent / "assembled.json",
+                            self.redo_command("assemble", kind, seed, variant=variant), "assembled student")
         seed_all(seed + 17 + 7919 * self.ctx.rank)
-        return self._train(EndToEnd(model), self.student_dir(kind, seed) / "finetune", "finetune",
-                           self.phase_config("finetune", kind, seed), self.cfg["students"][kind]["finetune"],
-                           seed + 17, resume, save_module=model, title=f"{kind} s{seed} finetune",
-                           redo=self.redo_command("finetune", kind, seed))
+        return self._train(EndToEnd(model), vdir / "finetune", "finetune",
+                           self.phase_config("finetune", kind, seed, variant=variant),
+                           self.cfg["students"][kind]["finetune"], seed + 17, resume, save_module=model,
+                           title=f"{kind} s{seed} finetune" + ("" if variant == "kd" else " (no KD)"),
+                           redo=self.redo_command("finetune", kind, seed, variant=variant))
 
-    def scratch(self, kind: str, seed: int, resume=False):
+    def scratch(self, kind: str, seed: int, resume=False, epochs: int | None = None):
+        """The baseline: the fine-tune recipe from random init; ``epochs`` given: the equal-compute
+        baseline (scratch_equal/) with that many epochs."""
         model = self.build_student(kind, seed)
+        tcfg = dict(self.cfg["students"][kind]["finetune"])
+        pcfg = self.phase_config("scratch", kind, seed)
+        name = "scratch"
+        if epochs is not None:
+            tcfg["epochs"] = int(epochs)
+            pcfg = {**pcfg, "student": {**pcfg["student"], "finetune": tcfg}}
+            name = "scratch_equal"
         seed_all(seed + 17 + 7919 * self.ctx.rank)
-        return self._train(EndToEnd(model), self.student_dir(kind, seed) / "scratch", "scratch",
-                           self.phase_config("scratch", kind, seed), self.cfg["students"][kind]["finetune"],
-                           seed + 17, resume, save_module=model, title=f"{kind} s{seed} scratch",
-                           redo=self.redo_command("scratch", kind, seed))
+        return self._train(EndToEnd(model), self.student_dir(kind, seed) / name, name.replace("_", "-"), pcfg, tcfg,
+                           seed + 17, resume, save_module=model, title=f"{kind} s{seed} {name.replace('_', ' ')}",
+                           redo=self.redo_command(name.replace("_", "-"), kind, seed))
+
+    def equal_compute(self, kind: str) -> dict:
+        """Epochs of the equal-compute scratch baseline: E + D / c rounded, with E the fine-tune's
+        epochs, D the m2mKD pairs' CPU seconds per seed (all pairs, mean over seeds) and c the
+        scratch runs' CPU seconds per epoch (mean over seeds), from their done.json records.
+        Written to equal_compute_<kind>.json; needs every seed's pairs and scratch run done."""
+        seeds = self.cfg["reproduce"]["seeds"]
+        epochs = int(self.cfg["students"][kind]["finetune"]["epochs"])
+        pair_cpu, per_epoch = [], []
+        for seed in seeds:
+            d = self.student_dir(kind, seed)
+            recs = [_read_json(d / "distill" / f"module_{i}" / "done.json") for i in range(self._num_stages(kind))]
+            scratch = _read_json(d / "scratch" / "done.json")
+            if scratch is None or any(r is None for r in recs):
+                raise CheckpointError(f"equal compute of {kind}: seed {seed} lacks its m2mKD pairs or scratch run")
+            pair_cpu.append(sum(float(r["cpu_seconds"]) for r in recs))
+            per_epoch.append(float(scratch["cpu_seconds"]) / max(epochs, 1))
+        d_cpu, c_cpu = sum(pair_cpu) / len(pair_cpu), sum(per_epoch) / len(per_epoch)
+        out = {"finetune_epochs": epochs, "pairs_cpu_s": d_cpu, "scratch_cpu_s_per_epoch": c_cpu,
+               "epochs": max(epochs, int(round(epochs + d_cpu / c_cpu)))}
+        if self.ctx.is_main:
+            _write_json(self.root / f"equal_compute_{kind}.json", out)
+        return out
+
+    def scratch_equal(self, kind: str, seed: int, resume=False):
+        """The scratch baseline given the m2mKD student's compute (:meth:`equal_compute`)."""
+        return self.scratch(kind, seed, resume, epochs=self.equal_compute(kind)["epochs"])
 
     # ------------------------------------------------------------------------------ evaluate
     def _trained_student_files(self, kind: str, seed: int, which: str) -> tuple[Path, Path, str]:
@@ -478,8 +561,8 @@ class Pipeline:
         if which == "assembled":
             path = self.student_dir(kind, seed) / "assembled.safetensors"
             return path, path.parent / "assembled.json", self.redo_command("assemble", kind, seed)
-        path = self.student_dir(kind, seed) / which / "model.safetensors"
-        return path, path.parent / "done.json", self.redo_command(which, kind, seed)
+        path = self.student_dir(kind, seed) / RUN_OF.get(which, which) / "model.safetensors"
+        return path, path.parent / "done.json", self.redo_command(which.replace("_", "-"), kind, seed)
 
     def load_trained_student(self, kind: str, seed: int, which: str):
         model = self.build_student(kind, seed)
@@ -493,7 +576,7 @@ class Pipeline:
         """IID, OOD (corrupted test split) and few-shot (digits, linear probe) accuracy; cached in
         eval_<which>.json (redone when the weights' run or the evaluate config changed)."""
         out_path = self.student_dir(kind, seed) / f"eval_{which}.json"
-        src = _read_json(self.student_dir(kind, seed) / which / "done.json") if which in ("finetune", "scratch") else None
+        src = _read_json(self.student_dir(kind, seed) / RUN_OF[which] / "done.json") if which in RUN_OF else None
         fp = fingerprint({"evaluate": self.cfg["evaluate"], "data": self._data_key(),
                           "weights": (src or {}).get("fingerprint")}) if src else None
         old = _read_json(out_path)
@@ -512,73 +595,69 @@ class Pipeline:
         return res
 
     # ----------------------------------------------------------------------------- reproduce
-    def run_student(self, kind: str, seed: int, timings: dict | None = None, part: str = "both"):
-        """One student and seed. part "m2mkd": distill every pair, assemble, fine-tune, evaluate;
-        "scratch": the baseline, evaluate; "both": both."""
-        timings = {} if timings is None else timings
+    def units(self) -> list:
+        """The work units of a reproduction, ``(unit, [units it needs first])``, in priority order
+        (the critical path first: meta → teacher modules → teacher → m2mKD → equal compute; the
+        scratch and no-KD units fill the gaps). A unit is ("meta",), ("incubate", i),
+        ("teacher",) or (what, kind, seed) with what in m2mkd | nokd | scratch | equal."""
+        r = self.cfg["reproduce"]
+        kinds = sorted(r["students"], key=lambda k: k != "vmoe")
+        seeds = r["seeds"]
+        inc = [("incubate", i) for i in range(self._num_stages("vmoe"))] if self.cfg["teacher"]["incubate"]["epochs"] > 0 else []
+        out = [(("meta",), [])] + [(u, [("meta",)]) for u in inc] + [(("teacher",), inc)]
+        out += [(("m2mkd", k, s), [("meta",), ("teacher",)]) for k in kinds for s in seeds]
+        if r["equal_compute"]:
+            out += [(("equal", k, s), [(w, k, t) for t in seeds for w in ("m2mkd", "scratch")]) for k in kinds for s in seeds]
+        out += [(("scratch", k, s), []) for k in kinds for s in seeds]
+        if r["no_kd"]:
+            out += [(("nokd", k, s), [("meta",)]) for k in kinds for s in seeds]
+        return out
 
-        def timed(key, fn, *a, **k):
-            t = time.time()
-            r = fn(*a, **k)
-            timings[key] = timings.get(key, 0.0) + time.time() - t
-            return r
-
-        if part in ("m2mkd", "both"):
-            timed(f"{kind}/distill", self.distill, kind, seed, "all", resume="auto")
-            timed(f"{kind}/assemble", self.assemble, kind, seed)
-            timed(f"{kind}/finetune", self.finetune, kind, seed, resume="auto")
-            timed(f"{kind}/evaluate", self.evaluate, kind, seed, "finetune")
-        if part in ("scratch", "both"):
-            timed(f"{kind}/scratch", self.scratch, kind, seed, resume="auto")
-            timed(f"{kind}/evaluate", self.evaluate, kind, seed, "scratch")
-        return timings
+    def run_unit(self, unit: tuple) -> dict:
+        """Run one unit of :meth:`units` (its phases skip what is done); returns {name: wall s}."""
+        t = time.time()
+        what = unit[0]
+        if what == "meta":
+            self.pretrain_meta(resume="auto")
+        elif what == "incubate":
+            self.incubate_teacher_module(unit[1], resume="auto")
+        elif what == "teacher":
+            self.train_teacher(resume="auto")
+            if self.force or not self._teacher_split_current():
+                self.split_teacher()
+        elif what in ("m2mkd", "nokd"):
+            variant = "kd" if what == "m2mkd" else "nokd"
+            self.distill(unit[1], unit[2], "all", resume="auto", variant=variant)
+            self.assemble(unit[1], unit[2], variant)
+            self.finetune(unit[1], unit[2], resume="auto", variant=variant)
+            self.evaluate(unit[1], unit[2], "finetune" if variant == "kd" else "nokd")
+        elif what == "scratch":
+            self.scratch(unit[1], unit[2], resume="auto")
+            self.evaluate(unit[1], unit[2], "scratch")
+        elif what == "equal":
+            self.scratch_equal(unit[1], unit[2], resume="auto")
+            self.evaluate(unit[1], unit[2], "scratch_equal")
+        else:
+            raise ValueError(f"unknown unit {unit!r}")
+        return {"/".join(str(x) for x in ((unit[1], what) if len(unit) == 3 else unit)): time.time() - t}
 
     def reproduce(self, report_dir=None, jobs: int | None = None):
-        """Everything: meta, teacher, split, then per seed and student: distill all pairs,
-        assemble, finetune, evaluate, scratch, evaluate; then REPORT.md.
+        """Everything (:meth:`units`): meta, teacher (incubated modules, fine-tune, split), then per
+        student and seed: m2mKD pairs + fine-tune, scratch, no-KD pairs + fine-tune, the
+        equal-compute scratch, each evaluated; then REPORT.md.
 
-        ``jobs`` > 1 (single-process runs only) runs independent work in that many worker
-        processes of one thread each: the meta model beside the teacher, then the (student,
-        seed) pipelines. On a small CPU this beats one process with several threads (small
-        models scale badly across threads); results are identical either way, as every run's
-        randomness depends on its own seeds only."""
+        ``jobs`` > 1 (single-process runs only) runs the units in that many worker processes of
+        one thread each, a unit starting as soon as a worker is free and the units it needs are
+        done. On a small CPU this beats one process with several threads (small models scale
+        badly across threads); results are identical either way, as every run's randomness
+        depends on its own seeds only."""
         t0 = time.time()
         timings: dict = {}
         rcfg = self.cfg["reproduce"]
         jobs = int(rcfg["jobs"] if jobs is None else jobs)
         if self.ctx.distributed:
             jobs = 1
-        units = [(kind, seed) for kind in sorted(rcfg["students"], key=lambda k: k != "vmoe") for seed in rcfg["seeds"]]
-        first = [("teacher",), ("meta",)] + [("scratch", kind, seed) for kind, seed in units]
-        second = [("m2mkd", kind, seed) for kind, seed in units]
-        progress = UnitProgress(len(first) + 1 + len(second), lambda line: log(line, self.ctx),
-                                bar=self.progress and self.ctx.is_main)
-        if jobs <= 1:
-            for unit, key, fn in ((("meta",), "pretrain-meta", self.pretrain_meta),
-                                  (("teacher",), "train-teacher", self.train_teacher)):
-                t = time.time()
-                fn(resume="auto")
-                timings[key] = time.time() - t
-                progress.done(unit)
-            if self.force or not self._teacher_split_current():
-                t = time.time()
-                self.split_teacher()
-                timings["split-teacher"] = time.time() - t
-            progress.done(("split",))
-            for kind, seed in sorted(units, key=lambda u: (u[1], u[0])):
-                for part in ("m2mkd", "scratch"):
-                    self.run_student(kind, seed, timings, part=part)
-                    progress.done((part, kind, seed))
-        else:
-            self.data  # noqa: B018 - loaded here to be described once: the workers load it silently
-            self._parallel(first, jobs, timings, progress)
-            if self.force or not self._teacher_split_current():
-                t = time.time()
-                self.split_teacher()
-                timings["split-teacher"] = time.time() - t
-            progress.done(("split",))
-            self._parallel(second, jobs, timings, progress)
-        progress.close()
+        self._schedule(self.units(), jobs, timings)
         wall = time.time() - t0
         if self.ctx.is_main:
             from .report import write_report
@@ -593,18 +672,51 @@ class Pipeline:
             return path
         return None
 
-    def _parallel(self, work: list, jobs: int, timings: dict, progress: UnitProgress):
+    def _schedule(self, units: list, jobs: int, timings: dict):
+        """Run ``units`` (:meth:`units`) in order of priority as their needs are met: in this
+        process (jobs 1) or in ``jobs`` worker processes of one thread each."""
+        pending, done = list(units), set()
+        progress = UnitProgress(len(units), lambda line: log(line, self.ctx), bar=self.progress and self.ctx.is_main)
+
+        def ready():
+            return next((p for p in pending if all(d in done for d in p[1])), None)
+
+        def stuck():
+            return RuntimeError(f"reproduce: units {[p[0] for p in pending]} wait for units that never run")
+
+        def finish(unit, times):
+            for k, v in times.items():
+                timings[k] = timings.get(k, 0.0) + v
+            done.add(unit)
+            progress.done(unit)
+
+        if jobs <= 1:
+            while pending:
+                item = ready()
+                if item is None:
+                    raise stuck()
+                pending.remove(item)
+                finish(item[0], self.run_unit(item[0]))
+            progress.close()
+            return
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        log(f"running {len(work)} unit(s) in {min(jobs, len(work))} worker process(es), 1 thread each", self.ctx)
-        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(work)), mp_context=mp.get_context("spawn")) as ex:
-            # submitted in order: the pool hands the next unit to whichever worker frees first
-            futs = {ex.submit(_worker, self.cfg, str(self.root), self.force, unit): unit for unit in work}
-            for f in cf.as_completed(futs):
-                for k, v in f.result().items():
-                    timings[k] = timings.get(k, 0.0) + v
-                progress.done(futs[f])
+        self.data  # noqa: B018 - loaded here to be described once: the workers load it silently
+        log(f"running {len(units)} unit(s) in {jobs} worker process(es), 1 thread each", self.ctx)
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            running = {}
+            while pending or running:
+                while len(running) < jobs and (item := ready()) is not None:
+                    pending.remove(item)
+                    running[ex.submit(_worker, self.cfg, str(self.root), self.force, item[0])] = item[0]
+                if not running:
+                    raise stuck()
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    times = f.result()
+                    finish(running.pop(f), times)
+        progress.close()
 
 
 def _worker(cfg: dict, root: str, force: bool, unit: tuple) -> dict:
@@ -615,14 +727,7 @@ def _worker(cfg: dict, root: str, force: bool, unit: tuple) -> dict:
     pipe = Pipeline(cfg, root, ctx=DistContext(device=pick_device(cfg["device"])), progress=False, force=force,
                     write_config=False, lock=None)  # the parent holds the run directory's lock
     pipe.announce_data = False
-    t = time.time()
-    if unit[0] == "meta":
-        pipe.pretrain_meta(resume="auto")
-        return {"pretrain-meta": time.time() - t}
-    if unit[0] == "teacher":
-        pipe.train_teacher(resume="auto")
-        return {"train-teacher": time.time() - t}
-    return pipe.run_student(unit[1], unit[2], part=unit[0])
+    return pipe.run_unit(unit)
 
 
 @torch.no_grad()

@@ -19,9 +19,13 @@ def duration(seconds: float) -> str:
 
 
 def unit_label(unit: tuple) -> str:
-    """A reproduce unit as the log names it: ``("m2mkd", "nac", 1)`` → ``m2mkd nac seed 1``."""
-    phase = {"meta": "pretrain-meta", "teacher": "train-teacher", "split": "split-teacher"}.get(unit[0], unit[0])
-    return " ".join([phase] + [f"seed {x}" if isinstance(x, int) else str(x) for x in unit[1:]])
+    """A reproduce unit as the log names it: ``("m2mkd", "nac", 1)`` → ``m2mkd nac seed 1``,
+    ``("incubate", 2)`` → ``incubate teacher module 2``, ``("teacher",)`` → ``train-teacher + split``."""
+    if unit[0] == "incubate":
+        return f"incubate teacher module {unit[1]}"
+    if len(unit) == 3:
+        return f"{unit[0]} {unit[1]} seed {unit[2]}"
+    return {"meta": "pretrain-meta", "teacher": "train-teacher + split"}.get(unit[0], unit[0])
 
 
 class UnitProgress:

@@ -1,5 +1,6 @@
-"""REPORT.md of a reproduction: the paper-style table (student from scratch vs after m2mKD; IID,
-OOD, few-shot; mean ± std over seeds), the pairs, the timings, and the curves."""
+"""REPORT.md of a reproduction: the paper-style table (per student: from scratch, scratch with
+equal compute, no KD, m2mKD; IID, OOD, few-shot; mean ± std over seeds), paired differences with
+95% confidence intervals and t-test p-values, the teacher and pairs, the timings, and the curves."""
 
 from __future__ import annotations
 
@@ -18,6 +19,42 @@ from .trainer import read_metrics
 
 NAMES = {"nac": "NAC", "vmoe": "V-MoE"}
 COMMAND_LINE = ""  # set by the CLI: the command that produced the report
+# the trained students of a (student, seed), as table rows; "finetune" is the m2mKD student
+ROWS = (("scratch", "from scratch"), ("scratch_equal", "scratch, equal compute"),
+        ("nokd", "no KD (α = 0) + fine-tune"), ("finetune", "m2mKD + fine-tune"))
+# m2mKD minus each control, paired by seed
+CONTROLS = (("scratch", "m2mKD − scratch"), ("scratch_equal", "m2mKD − equal compute"), ("nokd", "m2mKD − no KD"))
+COLORS = {"finetune": "tab:blue", "scratch": "tab:orange", "scratch_equal": "tab:red", "nokd": "tab:green"}
+ALPHA = 0.05  # the verdict's significance level (two-sided paired t-test)
+
+
+def paired_stats(a, b) -> dict:
+    """Paired differences a − b (lists over seeds, None entries dropped pairwise): n, mean, the 95%
+    confidence interval mean ± t_{0.975, n−1}·sd/√n and the two-sided paired t-test p-value
+    (NaN with fewer than 2 pairs; p = 0 for a constant non-zero difference, 1 for all zeros)."""
+    from scipy import stats
+
+    d = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    n = len(d)
+    out = {"n": n, "mean": sum(d) / n if n else float("nan"), "lo": float("nan"), "hi": float("nan"),
+           "p": float("nan")}
+    if n < 2:
+        return out
+    m = out["mean"]
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    out.update(lo=m - half, hi=m + half, sd=sd)
+    out["p"] = float(stats.ttest_1samp(d, 0.0).pvalue) if sd > 0 else (0.0 if m != 0 else 1.0)
+    return out
+
+
+def verdict(st: dict) -> str:
+    """helped / hurt when the paired t-test rejects no difference at ALPHA, else no clear difference."""
+    if st["n"] < 2 or math.isnan(st["p"]):
+        return f"{st['n']} seed(s): no test"
+    if st["p"] < ALPHA:
+        return f"{'helped' if st['mean'] > 0 else 'hurt'} (p = {st['p']:.3f})"
+    return f"no clear difference (p = {st['p']:.3f})"
 
 
 def _mean_std(xs):
@@ -50,32 +87,68 @@ def collect(pipe) -> dict:
     cfg = pipe.cfg
     out = {"students": {}, "meta": _load(pipe.root / "meta" / "done.json"),
            "teacher": _load(pipe.root / "teacher" / "done.json")}
+    from .pipeline import RUN_OF
+
+    incubated = cfg["teacher"]["incubate"]["epochs"] > 0
+    out["incubate"] = [_load(pipe.root / "teacher_incubate" / f"module_{i}" / "done.json")
+                       for i in range(pipe._num_stages("vmoe") if incubated else 0)]
+    out["equal_compute"] = {kind: _load(pipe.root / f"equal_compute_{kind}.json") for kind in cfg["reproduce"]["students"]}
+    out["params"] = _param_counts(pipe)
     for kind in cfg["reproduce"]["students"]:
         per_seed = {}
         for seed in cfg["reproduce"]["seeds"]:
             d = pipe.student_dir(kind, seed)
-            rec = {"finetune": _load(d / "eval_finetune.json"), "scratch": _load(d / "eval_scratch.json"),
-                   "finetune_run": _load(d / "finetune" / "done.json"), "scratch_run": _load(d / "scratch" / "done.json"),
-                   "pairs": {}}
-            for p in sorted((d / "distill").glob("module_*")):
-                rec["pairs"][int(p.name.split("_")[1])] = _load(p / "done.json")
+            rec = {"pairs": {}, "nokd_pairs": {}}
+            for which, run in RUN_OF.items():
+                rec[which] = _load(d / f"eval_{which}.json")
+                rec[f"{which}_run"] = _load(d / run / "done.json")
+            for key, sub in (("pairs", d / "distill"), ("nokd_pairs", d / "nokd" / "distill")):
+                for p in sorted(sub.glob("module_*")):
+                    rec[key][int(p.name.split("_")[1])] = _load(p / "done.json")
             per_seed[seed] = rec
         out["students"][kind] = per_seed
     return out
+
+
+def _param_counts(pipe) -> dict:
+    """Parameters (in units) of the meta model, the teacher and each student of the config."""
+    from .students import build_model, count_params
+
+    cfg = pipe.cfg
+    specs = {"meta": cfg["meta"], "teacher": cfg["teacher"]}
+    specs.update({kind: cfg["students"][kind] for kind in cfg["reproduce"]["students"]})
+    return {name: count_params(build_model(s["model"], s["kwargs"], pipe.data)) for name, s in specs.items()}
+
+
+def _vmoe_description(pipe) -> str:
+    """The V-MoE student's routing in words, read off the built model."""
+    from ..layers import MoEMLP
+    from .students import build_model
+
+    st = pipe.cfg["students"]["vmoe"]
+    model = build_model(st["model"], st["kwargs"], pipe.data)
+    moes = [m for m in model.modules() if isinstance(m, MoEMLP)]
+    if not moes:
+        return "no MoE layers"
+    blocks = len(getattr(model, "blocks", [])) or len(moes)
+    gate = moes[0].gate
+    where = "experts in every block" if len(moes) == blocks else f"experts in {len(moes)} of {blocks} blocks"
+    cap = "dropless" if moes[0].capacity_factor is None else f"capacity factor {moes[0].capacity_factor}"
+    aux = "no aux loss" if gate == "naive" else "load-balancing aux loss"
+    return (f"{gate} gate, {where}, E = {moes[0].num_experts}, k = {moes[0].k}, expert hidden "
+            f"{moes[0].hidden_dim}, {cap}, {aux}")
 
 
 def _metric_rows(per_seed: dict, which: str, fewshot_keys):
     vals = {"iid": [], "ood": []}
     for k in fewshot_keys:
         vals[k] = []
-    for rec in per_seed.values():
-        r = rec.get(which)
-        if not r:
-            continue
-        vals["iid"].append(r["iid"])
-        vals["ood"].append(r["ood"])
+    for rec in per_seed.values():  # one entry per seed (None where missing): lists pair up by seed
+        r = rec.get(which) or {}
+        vals["iid"].append(r.get("iid"))
+        vals["ood"].append(r.get("ood"))
         for k in fewshot_keys:
-            vals[k].append(r["fewshot"].get(k, {}).get("mean"))
+            vals[k].append(r.get("fewshot", {}).get(k, {}).get("mean"))
     return vals
 
 
@@ -85,15 +158,17 @@ def _curves(pipe, res, fig_dir: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .pipeline import RUN_OF
+
     kinds = list(res["students"])
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
-    colors = {"finetune": "tab:blue", "scratch": "tab:orange"}
-    labels = {"finetune": "m2mKD + fine-tune", "scratch": "from scratch"}
+    colors, labels = COLORS, dict(ROWS)
     for ax, kind in zip(axes[0], kinds):
-        for which in ("finetune", "scratch"):
+        for which in labels:
             curves = []
             for seed in pipe.cfg["reproduce"]["seeds"]:
-                recs = [r for r in read_metrics(pipe.student_dir(kind, seed) / which / "metrics.jsonl") if r.get("kind") == "epoch"]
+                recs = [r for r in read_metrics(pipe.student_dir(kind, seed) / RUN_OF[which] / "metrics.jsonl")
+                        if r.get("kind") == "epoch"]
                 if recs:
                     curves.append([100 * r["test_acc"] for r in recs])
             if not curves:
@@ -118,8 +193,9 @@ def _curves(pipe, res, fig_dir: Path):
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.4), squeeze=False)
     seed0 = pipe.cfg["reproduce"]["seeds"][0]
     for ax, kind in zip(axes[0], kinds):
-        for which in ("finetune", "scratch"):
-            recs = [r for r in read_metrics(pipe.student_dir(kind, seed0) / which / "metrics.jsonl") if r.get("kind") == "train"]
+        for which in labels:
+            recs = [r for r in read_metrics(pipe.student_dir(kind, seed0) / RUN_OF[which] / "metrics.jsonl")
+                    if r.get("kind") == "train"]
             if recs:
                 ax.plot([r["epoch_float"] for r in recs], [r["loss"] for r in recs], color=colors[which], label=labels[which])
         ax.set_title(f"{NAMES.get(kind, kind)}: training loss (seed {seed0})")
@@ -138,11 +214,11 @@ def _curves(pipe, res, fig_dir: Path):
         per_seed = res["students"][kind]
         fsk = _fewshot_keys(per_seed)
         allm = metrics + fsk
-        for j, which in enumerate(("scratch", "finetune")):
+        for j, which in enumerate(labels):
             vals = _metric_rows(per_seed, which, fsk)
             ms = [_mean_std(vals[m]) for m in allm]
-            xs = [i + (j - 0.5) * 0.38 for i in range(len(allm))]
-            ax.bar(xs, [100 * m for m, _, _ in ms], width=0.38, color=colors[which], label=labels[which],
+            xs = [i + (j - 1.5) * 0.2 for i in range(len(allm))]
+            ax.bar(xs, [100 * m for m, _, _ in ms], width=0.2, color=colors[which], label=labels[which],
                    yerr=[100 * (0 if math.isnan(s) else s) for _, s, _ in ms], capsize=3)
         ax.set_xticks(range(len(allm)))
         ax.set_xticklabels([m.upper() if m in metrics else f"few-shot {m}" for m in allm], fontsize=8)
@@ -157,7 +233,7 @@ def _curves(pipe, res, fig_dir: Path):
 
 def _fewshot_keys(per_seed):
     for rec in per_seed.values():
-        for which in ("finetune", "scratch"):
+        for which, _ in ROWS:
             if rec.get(which):
                 return list(rec[which]["fewshot"])
     return []
@@ -188,78 +264,100 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 
              f"{'/'.join(str(s) for s in fs['shots'])}-shot, {fs['queries']} queries per class, {fs['episodes']} episodes, "
              "a linear head on frozen L2-normalised pre-logit features (mean over episodes; ± is the 95% CI in the "
              "per-seed files, the std over seeds here)")
-    L.append(f"- seeds: {seeds} (student init, stitch init, data order); the meta model and the teacher are shared by all seeds")
+    L.append(f"- seeds: {seeds} (student init, stitch init, data order, NAC pair receivers); the meta model and "
+             "the teacher are trained once and shared by all seeds")
     L.append(f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
              f"torch {torch.__version__}, device {pipe.ctx.device}; "
              + (f"{jobs} worker processes of 1 thread each" if jobs > 1 else
                 f"{pipe.ctx.world_size} process(es) of {torch.get_num_threads()} thread(s)"))
     L.append(f"- wall time of this `reproduce` call: {wall / 60:.1f} min (phases found done were skipped; see timings)")
     L.append("")
+    L.append("## Models")
+    L.append("")
+    params = res["params"]
+    mt, tt = cfg["meta"], cfg["teacher"]
+    inc = tt["incubate"]["epochs"] > 0
+    L.append(f"- teacher `{tt['model']}` {tt['kwargs']} (" + ("Deep Incubation in the meta model, assembled, "
+             "fine-tuned end to end, split" if inc else "trained end to end, split") + f") … {params['teacher'] / 1e6:.2f}M params")
+    for kind in res["students"]:
+        st = cfg["students"][kind]
+        what = _vmoe_description(pipe) if kind == "vmoe" else "read-in, propagators, read-out"
+        L.append(f"- {NAMES.get(kind, kind)} student `{st['model']}` {st['kwargs']} ({what}) … "
+                 f"{params[kind] / 1e6:.2f}M params")
+    L.append(f"- meta model `{mt['model']}` {mt['kwargs']} (one block per stage; pretrained, then frozen) … "
+             f"{params['meta'] / 1e6:.2f}M params")
+    L.append("")
+    L.append("NAC pair students (docs/design.md §2.5): the read-in and read-out receivers are drawn as the reference "
+             "draws them, one fresh `randn(B, 1, D)` latent per image and call; mediators attend densely over the meta "
+             "tokens; all latents share one fixed random code.")
+    L.append("")
     L.append("## Result (mean ± std over seeds)")
     L.append("")
     any_fsk = []
     for kind in res["students"]:
         any_fsk = _fewshot_keys(res["students"][kind]) or any_fsk
-    head = "| student | training | IID acc (%) | OOD acc (%) | " + " | ".join(f"few-shot {k} (%)" for k in any_fsk) + " |"
-    L.append(head)
-    L.append("|" + "---|" * (4 + len(any_fsk)))
-    verdicts = []
+    metrics = ["iid", "ood"] + any_fsk
+    L.append("| student | training | IID acc (%) | OOD acc (%) | " + " | ".join(f"few-shot {k} (%)" for k in any_fsk) + " |")
+    L.append("|" + "---|" * (2 + len(metrics)))
+    stats_all = {}
     for kind, per_seed in res["students"].items():
-        fsk = _fewshot_keys(per_seed)
-        rows = {}
-        for which, label in (("scratch", "from scratch"), ("finetune", "m2mKD + fine-tune")):
-            vals = _metric_rows(per_seed, which, fsk)
-            rows[which] = vals
-            L.append(f"| {NAMES.get(kind, kind)} | {label} | {_fmt(*_mean_std(vals['iid'])[:2])} | "
-                     f"{_fmt(*_mean_std(vals['ood'])[:2])} | " + " | ".join(_fmt(*_mean_std(vals[k])[:2]) for k in fsk) + " |")
-        deltas = {}
-        for m in ["iid", "ood"] + fsk:
-            a, b = rows["finetune"][m], rows["scratch"][m]
-            deltas[m] = [x - y for x, y in zip(a, b) if x is not None and y is not None]
-        L.append(f"| {NAMES.get(kind, kind)} | **difference** | " + " | ".join(
-            _signed(*_mean_std(deltas[m])[:2]) for m in ["iid", "ood"] + fsk) + " |")
-        verdicts.append((kind, {m: _mean_std(v) for m, v in deltas.items()}))
+        rows = {which: _metric_rows(per_seed, which, any_fsk) for which, _ in ROWS}
+        for which, label in ROWS:
+            if not any(rows[which]["iid"]):
+                continue
+            L.append(f"| {NAMES.get(kind, kind)} | {_row_label(res, cfg, kind, which, label)} | "
+                     + " | ".join(_fmt(*_mean_std(rows[which][m])[:2]) for m in metrics) + " |")
+        stats_all[kind] = {ctl: {m: paired_stats(rows["finetune"][m], rows[ctl][m]) for m in metrics}
+                           for ctl, _ in CONTROLS if any(rows[ctl]["iid"])}
     L.append("")
-    L.append("Differences are m2mKD minus scratch, paired by seed. Both students get the same end-to-end "
-             "recipe (epochs, learning rate, augmentation); the m2mKD student additionally went through the "
-             "distillation pairs (compute listed below), initialised from them.")
+    L.append("## m2mKD against each control (paired by seed)")
+    L.append("")
+    L.append("Each cell: mean difference in points, its 95% confidence interval (t distribution, n − 1 degrees of "
+             "freedom) and the two-sided paired t-test p-value. Verdict: helped / hurt when p < "
+             f"{ALPHA}, otherwise no clear difference.")
+    L.append("")
+    L.append("| student | comparison | " + " | ".join(m.upper() if m in ("iid", "ood") else f"few-shot {m}" for m in metrics) + " |")
+    L.append("|" + "---|" * (2 + len(metrics)))
+    for kind, comps in stats_all.items():
+        for ctl, label in CONTROLS:
+            if ctl in comps:
+                L.append(f"| {NAMES.get(kind, kind)} | **{label}** | " + " | ".join(_cell(comps[ctl][m]) for m in metrics) + " |")
     L.append("")
     L.append("### Verdict (computed from the table)")
     L.append("")
-    for kind, d in verdicts:
-        parts = []
-        for m, (mean, std, n) in d.items():
-            if n == 0 or math.isnan(mean):
-                continue
-            se = std / math.sqrt(n) if n > 1 and not math.isnan(std) else float("nan")
-            if not math.isnan(se) and abs(mean) > 2 * se and se > 0:
-                word = f"m2mKD {'helped' if mean > 0 else 'hurt'} (|mean| > 2 standard errors over {n} seeds)"
-            elif not math.isnan(se):
-                word = f"no clear difference (|mean| ≤ 2 standard errors over {n} seeds)"
-            else:
-                word = "one seed: no error bar"
-            parts.append(f"{m.upper() if m in ('iid', 'ood') else 'few-shot ' + m}: {100 * mean:+.2f} points, {word}")
-        L.append(f"- **{NAMES.get(kind, kind)}**: " + "; ".join(parts) + ".")
+    for kind, comps in stats_all.items():
+        for ctl, label in CONTROLS:
+            if ctl in comps:
+                parts = [f"{m.upper() if m in ('iid', 'ood') else 'few-shot ' + m} {_signed1(st['mean'])}: {verdict(st)}"
+                         for m, st in comps[ctl].items()]
+                L.append(f"- **{NAMES.get(kind, kind)}, {label}**: " + "; ".join(parts) + ".")
     L.append("")
-    # OOD per corruption
-    L.append("OOD accuracy per corruption (%, mean over seeds):")
+    L.append(f"The intervals and p-values sample the student side only ({len(seeds)} seeds: student init, stitch "
+             "init, data order, NAC pair receivers). The meta model and the teacher are trained once (seed "
+             f"{cfg['seed']}) and shared by every seed, so the variance that another meta model or teacher would "
+             "bring — it moves every m2mKD and no-KD student of a run together — is not sampled; nor are the "
+             "test split and the few-shot episodes. No correction for the number of comparisons is applied.")
     L.append("")
+    _equal_compute_lines(L, res, cfg)
     names = None
     for per_seed in res["students"].values():
         for rec in per_seed.values():
-            for which in ("finetune", "scratch"):
+            for which, _ in ROWS:
                 if rec.get(which) and rec[which].get("ood_per_corruption"):
                     names = list(rec[which]["ood_per_corruption"])
                     break
     if names:
+        L.append("OOD accuracy per corruption (%, mean over seeds):")
+        L.append("")
         L.append("| student | training | " + " | ".join(n.replace("_", " ") for n in names) + " |")
         L.append("|---|---|" + "---|" * len(names))
         for kind, per_seed in res["students"].items():
-            for which, label in (("scratch", "from scratch"), ("finetune", "m2mKD + fine-tune")):
+            for which, label in ROWS:
                 vals = [_mean_std([(rec.get(which) or {}).get("ood_per_corruption", {}).get(n)
                                    for rec in per_seed.values()])[0] for n in names]
-                L.append(f"| {NAMES.get(kind, kind)} | {label} | " + " | ".join(
-                    "–" if math.isnan(v) else f"{100 * v:.1f}" for v in vals) + " |")
+                if not all(math.isnan(v) for v in vals):
+                    L.append(f"| {NAMES.get(kind, kind)} | {label} | " + " | ".join(
+                        "–" if math.isnan(v) else f"{100 * v:.1f}" for v in vals) + " |")
         L.append("")
     L.append("![test accuracy curves](figures/curves.png)")
     L.append("")
@@ -267,19 +365,110 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 
     L.append("")
     L.append("![training loss](figures/train_loss.png)")
     L.append("")
+    _teacher_lines(L, pipe, res, cfg)
+    L.append("## Configuration")
+    L.append("")
+    st = cfg["students"]
+    for kind in res["students"]:
+        L.append(f"- {NAMES.get(kind, kind)} student: each pair {st[kind]['distill']['epochs']} epoch(s) of "
+                 f"{_images(st[kind]['distill'], pipe)} images, then {st[kind]['finetune']['epochs']} end-to-end epochs of "
+                 f"{_images(st[kind]['finetune'], pipe)} images (lr {st[kind]['finetune']['lr']}, batch "
+                 f"{st[kind]['finetune']['batch_size']}); scratch: the same epochs from random init; no KD: the same "
+                 "pairs with α = 0, then the same fine-tune")
+    d = cfg["distill"]
+    a = cfg["augment"]
+    L.append(f"- loss: {d['type']}, α = {d['alpha']}, τ = {d['tau']}; label smoothing {a['label_smoothing']}, "
+             f"mixup {a['mixup']}, cutmix {a['cutmix']}, random crop (pad {a['padding']}), flip {a['flip']}")
+    L.append("- full resolved config: `config.yaml` in the run directory")
+    L.append("")
+    _time_lines(L, pipe, res, wall, jobs)
+    text = "\n".join(L) + "\n"
+    path = pipe.root / "REPORT.md"
+    path.write_text(text, encoding="utf-8")
+    (pipe.root / "results.json").write_text(json.dumps({"results": res, "paired": stats_all, "timings": timings,
+                                                        "wall_s": wall}, indent=2, sort_keys=True, default=str),
+                                            encoding="utf-8")
+    if report_dir is not None:
+        rd = Path(report_dir)
+        (rd / "figures").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, rd / "REPORT.md")
+        shutil.copy2(pipe.root / "results.json", rd / "results.json")
+        shutil.copy2(pipe.root / "config.yaml", rd / "config.yaml")
+        for png in fig_dir.glob("*.png"):
+            shutil.copy2(png, rd / "figures" / png.name)
+    return path
+
+
+def _images(tcfg: dict, pipe) -> int:
+    n = len(pipe.data.train)
+    return min(int(tcfg["train_limit"]), n) if tcfg["train_limit"] else n
+
+
+def _row_label(res, cfg, kind, which, label) -> str:
+    eq = (res.get("equal_compute") or {}).get(kind)
+    if which == "scratch_equal" and eq:
+        return f"{label} ({eq['epochs']} epochs)"
+    if which == "scratch":
+        return f"{label} ({cfg['students'][kind]['finetune']['epochs']} epochs)"
+    return label
+
+
+def _cell(st: dict) -> str:
+    if st["n"] == 0 or math.isnan(st["mean"]):
+        return "–"
+    if st["n"] < 2:
+        return _signed1(st["mean"])
+    return f"{_signed1(st['mean'])} [{_signed1(st['lo'])}, {_signed1(st['hi'])}] p={st['p']:.3f}"
+
+
+def _signed1(v) -> str:
+    return "–" if math.isnan(v) else f"{100 * v:+.2f}"
+
+
+def _cpu(recs) -> float:
+    return sum(float((r or {}).get("cpu_seconds") or 0.0) for r in recs)
+
+
+def _equal_compute_lines(L, res, cfg):
+    eqs = {k: v for k, v in (res.get("equal_compute") or {}).items() if v}
+    if not eqs:
+        return
+    L.append("**Equal compute.** The scratch baseline with equal compute gets the fine-tune's epochs plus the "
+             "m2mKD pairs' cost converted to scratch epochs (computed by this command from the runs' own CPU-time "
+             "records, mean over seeds): " + "; ".join(
+                 f"{NAMES.get(k, k)}: pairs {v['pairs_cpu_s']:.0f} CPU s per seed ÷ {v['scratch_cpu_s_per_epoch']:.1f} "
+                 f"CPU s per scratch epoch → {v['finetune_epochs']} + {v['epochs'] - v['finetune_epochs']} = "
+                 f"{v['epochs']} epochs" for k, v in eqs.items()) + ".")
+    shared = _cpu([res.get("meta"), res.get("teacher")] + list(res.get("incubate") or []))
+    units = max(1, len(cfg["reproduce"]["seeds"]) * len(res["students"]))
+    L.append("")
+    L.append(f"Not counted there: the shared meta model and teacher ({shared:.0f} CPU s in all: meta pretraining, "
+             f"teacher incubation and fine-tune), which every m2mKD (and no-KD) student uses — "
+             f"{shared / units:.0f} CPU s per (student, seed) if spread over the {units} of this run; in the paper's "
+             "setting the teacher is a pretrained model that already exists.")
+    L.append("")
+
+
+def _teacher_lines(L, pipe, res, cfg):
     L.append("## Teacher, meta model and module pairs")
     L.append("")
     mt, tt = res.get("meta") or {}, res.get("teacher") or {}
-    L.append(f"- meta model `{cfg['meta']['model']}` {cfg['meta']['kwargs']}: test acc {_pct(mt.get('test_acc'))}, "
-             f"{cfg['meta']['train']['epochs']} epochs")
-    L.append(f"- teacher `{cfg['teacher']['model']}` {cfg['teacher']['kwargs']}: test acc {_pct(tt.get('test_acc'))}, "
-             f"{cfg['teacher']['train']['epochs']} epochs")
+    inc = cfg["teacher"]["incubate"]
+    L.append(f"- meta model: test acc {_pct(mt.get('test_acc'))}, {cfg['meta']['train']['epochs']} epochs")
+    if inc["epochs"] > 0:
+        L.append(f"- teacher modules incubated in the frozen meta model ({inc['epochs']} epoch(s) each): test acc "
+                 + ", ".join(f"module {i} {_pct((r or {}).get('test_acc'))}" for i, r in enumerate(res.get("incubate") or [])))
+        L.append(f"- teacher, assembled from them and fine-tuned end to end for {cfg['teacher']['train']['epochs']} "
+                 f"epochs: test acc {_pct(tt.get('test_acc'))}")
+    else:
+        L.append(f"- teacher, trained end to end (not incubated): test acc {_pct(tt.get('test_acc'))}, "
+                 f"{cfg['teacher']['train']['epochs']} epochs")
     L.append("")
     lim = cfg["log"].get("eval_limit", 0)
     on = f"the first {lim} test images" if lim and lim < len(pipe.data.test) else "the test split"
     L.append(f"These accuracies (and the per-epoch curves) are measured on {on}; the result table uses the whole test split.")
     L.append("")
-    L.append(f"Accuracy of each pair on {on}: the teacher module (resp. the distilled student module with "
+    L.append(f"Accuracy of each pair on {on}: the final teacher's module (resp. the trained student module with "
              "its stitches) inserted into the frozen meta model; mean over seeds.")
     L.append("")
     for kind, per_seed in res["students"].items():
@@ -288,25 +477,16 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 
             continue
         L.append(f"| {NAMES.get(kind, kind)} pair | " + " | ".join(f"module {i}" for i in idx) + " |")
         L.append("|---|" + "---|" * len(idx))
-        tvals = [_mean_std([(rec["pairs"].get(i) or {}).get("teacher_pair_acc") for rec in per_seed.values()])[0] for i in idx]
-        svals = [_mean_std([(rec["pairs"].get(i) or {}).get("test_acc") for rec in per_seed.values()])[0] for i in idx]
-        L.append("| teacher module in meta | " + " | ".join(_pct(v) for v in tvals) + " |")
-        L.append("| student module in meta | " + " | ".join(_pct(v) for v in svals) + " |")
+        for key, label, field in (("pairs", "teacher module in meta", "teacher_pair_acc"),
+                                  ("pairs", "m2mKD student module in meta", "test_acc"),
+                                  ("nokd_pairs", "no-KD student module in meta", "test_acc")):
+            vals = [_mean_std([(rec[key].get(i) or {}).get(field) for rec in per_seed.values()])[0] for i in idx]
+            if not all(math.isnan(v) for v in vals):
+                L.append(f"| {label} | " + " | ".join(_pct(v) for v in vals) + " |")
         L.append("")
-    L.append("## Configuration")
-    L.append("")
-    st = cfg["students"]
-    for kind in res["students"]:
-        L.append(f"- {NAMES.get(kind, kind)} student `{st[kind]['model']}` {st[kind]['kwargs']}: each pair "
-                 f"{st[kind]['distill']['epochs']} epoch(s), then {st[kind]['finetune']['epochs']} end-to-end epochs "
-                 f"(lr {st[kind]['finetune']['lr']}, batch {st[kind]['finetune']['batch_size']}); scratch: the same "
-                 f"{st[kind]['finetune']['epochs']} epochs from random init")
-    d = cfg["distill"]
-    a = cfg["augment"]
-    L.append(f"- loss: {d['type']}, α = {d['alpha']}, τ = {d['tau']}; label smoothing {a['label_smoothing']}, "
-             f"mixup {a['mixup']}, cutmix {a['cutmix']}, random crop (pad {a['padding']}), flip {a['flip']}")
-    L.append(f"- full resolved config: `config.yaml` in the run directory")
-    L.append("")
+
+
+def _time_lines(L, pipe, res, wall, jobs):
     L.append("## Where the time went")
     L.append("")
     L.append("Compute per phase, from each run's own record (training incl. its per-epoch test evaluation; "
@@ -314,18 +494,25 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 
     L.append("")
     L.append("| phase | runs | wall seconds | CPU seconds | training images/s (median) |")
     L.append("|---|---|---|---|---|")
-    rows = [("pretrain-meta", [res.get("meta")]), ("train-teacher", [res.get("teacher")])]
+    rows = [("pretrain-meta", [res.get("meta")]), ("incubate teacher modules", list(res.get("incubate") or [])),
+            ("train-teacher", [res.get("teacher")])]
     for kind, per_seed in res["students"].items():
-        rows.append((f"{kind}: distill (all pairs)", [p for rec in per_seed.values() for p in rec["pairs"].values()]))
-        rows.append((f"{kind}: fine-tune", [rec.get("finetune_run") for rec in per_seed.values()]))
-        rows.append((f"{kind}: scratch", [rec.get("scratch_run") for rec in per_seed.values()]))
-        rows.append((f"{kind}: evaluate", [rec.get(w) for rec in per_seed.values() for w in ("finetune", "scratch")]))
+        recs = list(per_seed.values())
+        rows.append((f"{kind}: m2mKD pairs", [p for rec in recs for p in rec["pairs"].values()]))
+        rows.append((f"{kind}: m2mKD fine-tune", [rec.get("finetune_run") for rec in recs]))
+        rows.append((f"{kind}: no-KD pairs", [p for rec in recs for p in rec["nokd_pairs"].values()]))
+        rows.append((f"{kind}: no-KD fine-tune", [rec.get("nokd_run") for rec in recs]))
+        rows.append((f"{kind}: scratch", [rec.get("scratch_run") for rec in recs]))
+        rows.append((f"{kind}: scratch, equal compute", [rec.get("scratch_equal_run") for rec in recs]))
+        rows.append((f"{kind}: evaluate", [rec.get(w) for rec in recs for w, _ in ROWS]))
     total, total_cpu, cpu_known = 0.0, 0.0, True
     for name, recs in rows:
         recs = [r for r in recs if r]
+        if not recs:
+            continue
         sec = sum(float(r.get("seconds", 0.0)) for r in recs)
         cpu_vals = [r.get("cpu_seconds") for r in recs]
-        cpu = sum(float(v) for v in cpu_vals if v is not None) if recs and None not in cpu_vals else None
+        cpu = sum(float(v) for v in cpu_vals) if None not in cpu_vals else None
         total += sec
         if cpu is None:
             cpu_known = False
@@ -346,20 +533,6 @@ def write_report(pipe, timings: dict, wall: float, report_dir=None, jobs: int = 
     for rec in _history(pipe.root):
         L.append(f"- {rec.get('start')}: {rec.get('wall_s', 0):.0f} s, {rec.get('ran', '?')} run / {rec.get('skipped', '?')} done")
     L.append("")
-    text = "\n".join(L) + "\n"
-    path = pipe.root / "REPORT.md"
-    path.write_text(text, encoding="utf-8")
-    (pipe.root / "results.json").write_text(json.dumps({"results": res, "timings": timings, "wall_s": wall},
-                                                       indent=2, sort_keys=True, default=str), encoding="utf-8")
-    if report_dir is not None:
-        rd = Path(report_dir)
-        (rd / "figures").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, rd / "REPORT.md")
-        shutil.copy2(pipe.root / "results.json", rd / "results.json")
-        shutil.copy2(pipe.root / "config.yaml", rd / "config.yaml")
-        for png in fig_dir.glob("*.png"):
-            shutil.copy2(png, rd / "figures" / png.name)
-    return path
 
 
 def _history(root: Path) -> list:
@@ -376,9 +549,3 @@ def _history(root: Path) -> list:
 
 def _pct(v):
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"
-
-
-def _signed(m, s):
-    if math.isnan(m):
-        return "–"
-    return f"{100 * m:+.2f}" + ("" if math.isnan(s) else f" ± {100 * s:.2f}")

@@ -79,20 +79,22 @@ class PairTask(nn.Module):
     h = meta[0:i](x) (no grad); teacher logits = meta[i+1:](T_i(h)); student logits =
     meta[i+1:](S_i(h)), gradients flowing through the frozen meta tail into S_i. For i = N−1
     the modules themselves produce the logits. The meta model and the teacher are frozen and
-    kept in eval mode; only ``student`` (S_i with its stitch layers) trains.
+    kept in eval mode; only ``student`` (S_i with its stitch layers) trains. ``teacher`` None
+    gives the no-KD ablation: the same pair on the labels only (teacher logits None).
     """
 
-    def __init__(self, meta: nn.Module, teacher: nn.Module, student: nn.Module, index: int):
+    def __init__(self, meta: nn.Module, teacher: nn.Module | None, student: nn.Module, index: int):
         super().__init__()
         n = int(meta.num_stages)
-        if int(teacher.num_stages) != n:
+        if teacher is not None and int(teacher.num_stages) != n:
             raise ValueError(f"the meta model has {n} stages but the teacher has {teacher.num_stages}: "
                              "split the teacher into as many stages as the meta model has blocks")
         if not 0 <= index < n:
             raise ValueError(f"module index must be in [0, {n - 1}], got {index}")
         self.index, self.num_stages = int(index), n
         self.student = student
-        object.__setattr__(self, "_frozen", (_freeze(meta), _freeze(teacher)))
+        frozen = (_freeze(meta),) if teacher is None else (_freeze(meta), _freeze(teacher))
+        object.__setattr__(self, "_frozen", frozen)
 
     @property
     def meta(self):
@@ -100,7 +102,7 @@ class PairTask(nn.Module):
 
     @property
     def teacher(self):
-        return self._frozen[1]
+        return self._frozen[1] if len(self._frozen) > 1 else None
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) moves the frozen models too
         for m in self._frozen:
@@ -117,8 +119,10 @@ class PairTask(nn.Module):
         i, n = self.index, self.num_stages
         with torch.no_grad():
             h = self.meta(x, start=0, end=i) if i > 0 else x
-            t = self.teacher(h, start=i, end=i + 1)
-            t_logits = self.meta(t, start=i + 1, end=n) if i < n - 1 else t
+            t_logits = None
+            if self.teacher is not None:
+                t = self.teacher(h, start=i, end=i + 1)
+                t_logits = self.meta(t, start=i + 1, end=n) if i < n - 1 else t
         s = self.student(h)
         aux = getattr(self.student, "aux_loss", None)
         s_logits = self.meta(s, start=i + 1, end=n) if i < n - 1 else s
