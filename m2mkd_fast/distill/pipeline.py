@@ -354,6 +354,7 @@ class Pipeline:
         if teacher.num_stages != meta_n:
             raise ValueError(f"the teacher has {teacher.num_stages} stages but the meta model {meta_n}: "
                              "set teacher.kwargs.num_stages to the meta model's num_stages")
+        inc = self.cfg["teacher"]["incubate"]
         mdir = self.root / "teacher_modules"
         tfp = self._teacher_modules_fp()
         if self.ctx.is_main:
