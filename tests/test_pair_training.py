@@ -106,7 +106,12 @@ def test_frozen_models_trainable_student_and_gradients(kind, index):
     # gradients reach every trainable tensor of the student, through the frozen meta tail when
     # index < last (an MoE expert tensor holds all experts: some token reaches one of them)
     zero = [n for n, p in student.named_parameters() if p.requires_grad and torch.count_nonzero(p.grad) == 0]
-    assert not zero, f"zero gradient: {zero}"
+    if kind == "nac" and index == STAGES - 1:
+        # the read-out pair has one receiver per image (the reference's randn(B, 1, D)): pooling
+        # over a single latent is the identity, so its scorer gets no gradient in this pair
+        assert zero == ["pool_scorer.weight", "pool_scorer.bias"], zero
+    else:
+        assert not zero, f"zero gradient: {zero}"
 
 
 @pytest.mark.parametrize("kind,index", PAIRS)
@@ -184,8 +189,8 @@ def test_nac_students_single_linear_stitches_and_dense_attention(index, monkeypa
     # one fixed random code (a buffer, no noise) for every latent
     assert "code" in dict(student.named_buffers()) and "code" not in dict(student.named_parameters())
     assert all(m.code_noise == 0 for m in student.modules() if hasattr(m, "code_noise"))
-    if index in (0, STAGES - 1):  # read-in / read-out receivers: fixed random states, not learned
-        assert "receivers" in dict(student.named_buffers()) and "receivers" not in dict(student.named_parameters())
+    # read-in / read-out receivers: drawn per call (the reference's randn(B, 1, D)), neither buffer nor parameter
+    assert not any("receivers" in n for n, _ in list(student.named_buffers()) + list(student.named_parameters()))
 
     # no graph attention anywhere: the mediator and read-out attend densely, without signatures
     def no_graph_attention(*args, **kwargs):
@@ -212,7 +217,7 @@ def test_nac_students_single_linear_stitches_and_dense_attention(index, monkeypa
         torch.testing.assert_close(z_s, stitch_in(h), rtol=0, atol=0)
     else:
         torch.testing.assert_close(z_s, stitch_in(h), rtol=0, atol=0)
-        assert z_r.shape[1] == full.output_latents.num_latents  # fixed random receivers
+        assert z_r.shape == (x.shape[0], 1, NAC_DIM)  # one fresh random receiver per image
     # β is not used: another value changes nothing
     beta = block.attn.bandwidth
     assert not beta.requires_grad
